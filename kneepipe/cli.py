@@ -1,0 +1,48 @@
+"""The ``kneepipe`` command line: a thin layer over the library.
+
+Each command parses its arguments, resolves its stage config, calls one library
+function and prints a summary. The command functions live beside their stage
+(``kneepipe/<stage>/commands.py``) and import their framework only when they run, so
+``kneepipe --help`` loads neither torch nor TensorFlow.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from kneepipe import __version__
+from kneepipe.detect import commands as detect_commands
+from kneepipe.grade import commands as grade_commands
+
+app = typer.Typer(
+    name="kneepipe",
+    help="Kellgren-Lawrence grading of knee osteoarthritis on plain radiographs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+train_app = typer.Typer(help="Train a stage: the joint detector or the KL grader.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"kneepipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Kellgren-Lawrence grading of knee osteoarthritis on plain radiographs."""
+
+
+app.command("detect")(detect_commands.detect)
+app.command("grade")(grade_commands.grade)
+train_app.command("detector")(detect_commands.train_detector)
+train_app.command("grader")(grade_commands.train_grader)

@@ -1,0 +1,55 @@
+"""The one object the detector hands to the grader: a knee joint found on a radiograph.
+
+Framework-free on purpose: stage 1 produces :class:`Joint`, stage 2 and the pipeline
+consume it; neither sees an Ultralytics ``Results`` or a tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+Side = Literal["R", "L"]
+
+# Status values of a row in joints.csv / results.csv.
+STATUS_OK = "ok"
+STATUS_NO_KNEE = "no_knee"
+STATUS_NOT_GRADABLE_VIEW = "not_gradable_view"
+STATUS_ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Joint:
+    """One knee joint on one radiograph.
+
+    Attributes:
+        image: the radiograph file it was found on.
+        side: the patient's side, ``"R"`` or ``"L"``.
+        box: ``(x1, y1, x2, y2)`` of the crop region, in the source image's pixels.
+        confidence: the detector's confidence for this joint, 0-1.
+        crop: the joint crop, 2-D ``uint8`` (224x224 by default), framed like the
+            OAI training crops.
+    """
+
+    image: Path
+    side: Side
+    box: tuple[float, float, float, float]
+    confidence: float
+    crop: np.ndarray = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Detection:
+    """What the detector concluded about one radiograph: its joints, or why none.
+
+    ``status`` is ``ok`` when ``joints`` is non-empty, else ``no_knee``,
+    ``not_gradable_view`` or ``error`` with ``message`` saying why.
+    """
+
+    image: Path
+    joints: tuple[Joint, ...]
+    status: str = STATUS_OK
+    message: str = ""
