@@ -36,8 +36,9 @@ def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     raise typer.Exit(code)
 
 
-def resolve_config(config_cls: type, config_file: Path | None, overrides: list[str] | None,
-                   options: dict[str, Any] | None = None) -> Any:
+def resolve_config(
+    config_cls: type, config_file: Path | None, overrides: list[str] | None, options: dict[str, Any] | None = None
+) -> Any:
     """Load a stage config; explicit ``--option`` values join the key=value overrides.
 
     Options given as ``None`` (not passed) are left to the lower layers.

@@ -32,8 +32,9 @@ class ConfigError(ValueError):
     """A configuration key is unknown, has the wrong type or lies out of range."""
 
 
-def rule(*, range: tuple[float | None, float | None] | None = None, choices: Sequence[Any] | None = None,
-         help: str = "") -> dict[str, Any]:
+def rule(
+    *, range: tuple[float | None, float | None] | None = None, choices: Sequence[Any] | None = None, help: str = ""
+) -> dict[str, Any]:
     """Field metadata for a config dataclass: an inclusive numeric range or a set of choices."""
     return {"range": range, "choices": tuple(choices) if choices is not None else None, "help": help}
 
@@ -83,15 +84,16 @@ def _allowed_types(annotation: Any) -> tuple[type, ...]:
     return (annotation,)
 
 
-def _check_value(field: dataclasses.Field, value: Any, source: str) -> Any:
-    allowed = _allowed_types(field.type)
+def _check_value(field: dataclasses.Field, annotation: Any, value: Any, source: str) -> Any:
+    allowed = _allowed_types(annotation)
     if float in allowed and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if tuple in allowed and isinstance(value, list):
         value = tuple(value)
     is_bool = isinstance(value, bool)
     ok = any(
-        (t is bool and is_bool) or (t is not bool and not is_bool and isinstance(value, t))
+        (t is bool and is_bool)
+        or (t is not bool and not is_bool and isinstance(value, t))
         or (t is type(None) and value is None)
         for t in allowed
     )
@@ -130,6 +132,7 @@ def load_config(
         ConfigError: naming the offending key, for unknown keys, wrong types or ranges.
     """
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    hints = typing.get_type_hints(config_cls)
     layers = [(str(defaults_path(config_cls)), _read_yaml(defaults_path(config_cls)))]
     if config_file is not None:
         layers.append((str(config_file), _read_yaml(Path(config_file))))
@@ -144,7 +147,7 @@ def load_config(
                     f"unknown key {key!r} in {source} for stage '{config_cls.STAGE}'"
                     + (f"; did you mean {hint!r}?" if hint else "")
                 )
-            merged[key] = _check_value(fields[key], value, source)
+            merged[key] = _check_value(fields[key], hints[key], value, source)
     missing = sorted(set(fields) - set(merged))
     if missing:
         raise ConfigError(f"keys without a value for stage '{config_cls.STAGE}': {', '.join(missing)}")

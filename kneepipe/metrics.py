@@ -40,8 +40,9 @@ def expected_calibration_error(probabilities: np.ndarray, true_grades: np.ndarra
     return float(ece)
 
 
-def grading_metrics(true_grades: np.ndarray, probabilities: np.ndarray, predicted: np.ndarray | None = None,
-                    ece_bins: int = 15) -> dict[str, Any]:
+def grading_metrics(
+    true_grades: np.ndarray, probabilities: np.ndarray, predicted: np.ndarray | None = None, ece_bins: int = 15
+) -> dict[str, Any]:
     """All grading metrics of a labelled batch, as a JSON-ready dict.
 
     Args:

@@ -1,0 +1,114 @@
+"""``kneepipe grade`` and ``kneepipe train grader``: parse, resolve config, call the library, print."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kneepipe.cli_common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_SOME_REFUSED,
+    ConfigOption,
+    OverridesArgument,
+    console,
+    fail,
+    resolve_config,
+)
+
+
+def grade(
+    crops: Annotated[Path, typer.Argument(help="A crop file or a folder of crops (searched recursively).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for grades.csv, metrics.json, args.yaml.")],
+    model: Annotated[str | None, typer.Option("--model", help="Grader file; default: the shipped model.")] = None,
+    precision: Annotated[str | None, typer.Option(help="Inference precision: float32 or bfloat16.")] = None,
+    adapt_prior: Annotated[
+        bool | None, typer.Option("--adapt-prior/--no-adapt-prior", help="Re-estimate the batch's grade prior by EM.")
+    ] = None,
+    prior: Annotated[str | None, typer.Option(help="A known grade prior p0,p1,p2,p3,p4 to regrade with.")] = None,
+    config: ConfigOption = None,
+    overrides: OverridesArgument = None,
+) -> None:
+    """Grade knee crops with the KL grade 0-4 and its probabilities; evaluate labelled folders."""
+    from kneepipe.grade.config import GradeConfig
+
+    cfg = resolve_config(
+        GradeConfig,
+        config,
+        overrides,
+        {"model": model, "precision": precision, "adapt_prior": adapt_prior, "prior": prior},
+    )
+    if not crops.exists():
+        fail(f"{crops}: no such file or folder")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from kneepipe.grade.folder import grade_folder
+    from kneepipe.grade.predict import Grader
+    from kneepipe.metrics import format_metrics
+
+    try:
+        grader = Grader.load(cfg.model, precision=cfg.precision)
+    except (OSError, ValueError) as err:
+        fail(f"cannot load the grader: {err}")
+    with Progress("grading", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("grading", total=None)
+        try:
+            run = grade_folder(
+                crops,
+                out,
+                cfg,
+                grader=grader,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+        except ValueError as err:
+            fail(str(err))
+    graded = len(run.rows) - len(run.refused)
+    console.print(f"graded {graded} crops with {grader.version} -> {out / 'grades.csv'}")
+    for row in run.refused:
+        console.print(f"[yellow]refused[/] {row['crop']}: {row['message']}")
+    priors = run.priors
+    if "estimated_prior" in priors or "given_prior" in priors:
+        label = "estimated" if "estimated_prior" in priors else "given"
+        console.print(f"training prior : {priors['train_prior']}")
+        adapted = priors.get("estimated_prior") or priors["given_prior"]
+        console.print(f"{label} prior{' ' * (6 - len(label))}: {adapted}")
+    if run.metrics:
+        m = run.metrics
+        console.print(f"[bold]true vs predicted grade counts (KL0-4): {m['true_counts']} vs {m['predicted_counts']}[/]")
+        console.print(format_metrics(m))
+        console.print(
+            f"ECE before / after temperature scaling (T={m['temperature']:.3f}): "
+            f"{m['ece_uncalibrated']} / {m['ece_calibrated']}"
+        )
+    if not run.rows:
+        fail(f"{crops}: no images found", EXIT_FAILED)
+    raise typer.Exit(EXIT_SOME_REFUSED if run.refused else EXIT_OK)
+
+
+def train_grader(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (resumed when it holds a run).")],
+    data: Annotated[str | None, typer.Option(help="Folder with train/ and val/ crops by grade.")] = None,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="Refuse to resume; fail if the run folder holds a run.")
+    ] = False,
+    config: ConfigOption = None,
+    overrides: OverridesArgument = None,
+) -> None:
+    """Train the Xception KL grader (selects on val QWK; resumes an interrupted run)."""
+    from kneepipe.grade.config import GradeConfig
+
+    cfg = resolve_config(GradeConfig, config, overrides, {"data": data})
+    from kneepipe.grade.calibrate import calibrate_grader
+    from kneepipe.grade.train import train_grader as run_training
+
+    try:
+        best = run_training(cfg, out, resume=not fresh)
+        temperature = calibrate_grader(out / "best.npz", cfg)
+    except (FileNotFoundError, FileExistsError) as err:
+        fail(str(err))
+    console.print(
+        f"best: epoch {best.get('epoch')} val QWK {best.get('val_qwk')}; temperature {temperature:.3f} "
+        f"fitted on val -> {out / 'best.npz'}"
+    )

@@ -1,0 +1,147 @@
+"""``kneepipe grade``: grade every crop of a folder, and evaluate when the folder is labelled.
+
+Writes ``grades.csv`` (``crop,kl_grade,p0..p4,status,message``), ``args.yaml`` and, when
+the crops sit in folders named by their true grade, ``metrics.json``. An unreadable crop
+gets ``status=error`` with the reason; the batch goes on.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kneepipe.config import save_config
+from kneepipe.grade.config import GradeConfig
+from kneepipe.grade.data import grade_from_path
+from kneepipe.grade.model import probabilities_from_logits
+from kneepipe.imaging import ImageReadError, find_images, read_radiograph
+from kneepipe.metrics import grading_metrics
+
+GRADES_COLUMNS = ["crop", "kl_grade", "p0", "p1", "p2", "p3", "p4", "status", "message"]
+
+
+@dataclass
+class GradeRun:
+    """What a grading run produced: per-crop rows, optional metrics, and prior facts."""
+
+    rows: list[dict[str, Any]]
+    metrics: dict[str, Any] | None = None
+    priors: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def refused(self) -> list[dict[str, Any]]:
+        return [row for row in self.rows if row["status"] != "ok"]
+
+
+def write_csv_atomic(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
+    """Write a CSV in one piece: a temporary file renamed over the target."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(buffer.getvalue())
+    os.replace(tmp, path)
+
+
+def adjust_for_prior(
+    probabilities: np.ndarray,
+    train_prior: np.ndarray,
+    config: GradeConfig,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Regrade with a known prior (``config.prior``) or one estimated by EM (``adapt_prior``)."""
+    from kneepipe.grade.prior import estimate_prior_em, parse_prior, reweight
+
+    facts: dict[str, Any] = {"train_prior": np.round(train_prior, 4).tolist()}
+    if config.prior:
+        prior = parse_prior(config.prior)
+        facts["given_prior"] = np.round(prior, 4).tolist()
+        return reweight(probabilities, train_prior, prior), facts
+    if config.adapt_prior and len(probabilities):
+        prior, adjusted = estimate_prior_em(probabilities, train_prior)
+        facts["estimated_prior"] = np.round(prior, 4).tolist()
+        return adjusted, facts
+    return probabilities, facts
+
+
+def grade_folder(
+    crops_root: str | Path, out_dir: str | Path, config: GradeConfig, grader=None, progress=None
+) -> GradeRun:
+    """Grade every crop under ``crops_root`` (or one file); write the outputs into ``out_dir``.
+
+    Args:
+        crops_root: a crop file or a folder searched recursively.
+        out_dir: where ``grades.csv``, ``args.yaml`` and ``metrics.json`` go.
+        config: the resolved grade config.
+        grader: an already loaded :class:`~kneepipe.grade.predict.Grader` (loaded from
+            ``config.model`` when None).
+        progress: an optional ``callable(n_done, n_total)``.
+    """
+    from kneepipe.grade.predict import Grader
+
+    crops_root, out_dir = Path(crops_root), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    grader = grader or Grader.load(config.model, precision=config.precision)
+    save_config(config, out_dir, extra={"input": str(crops_root), "grader": grader.version})
+    files = find_images(crops_root)
+    root = crops_root if crops_root.is_dir() else crops_root.parent
+
+    rows: list[dict[str, Any]] = []
+    graded_index: list[int] = []
+    uncalibrated: list[np.ndarray] = []
+    calibrated: list[np.ndarray] = []
+    for start in range(0, len(files), config.batch):
+        batch_crops = []
+        for path in files[start : start + config.batch]:
+            row = {
+                "crop": str(path),
+                "kl_grade": "",
+                "status": "ok",
+                "message": "",
+                "true_grade": grade_from_path(path, root),
+            }
+            try:
+                batch_crops.append(read_radiograph(path).pixels)
+                graded_index.append(len(rows))
+            except ImageReadError as err:
+                row.update(status="error", message=err.reason)
+            rows.append(row)
+        if batch_crops:
+            logits = grader.predict_logits(batch_crops, batch_size=config.batch)
+            head, temperature = grader.preprocessing.head, grader.preprocessing.temperature
+            uncalibrated.append(probabilities_from_logits(logits, head))
+            calibrated.append(probabilities_from_logits(logits, head, temperature if config.calibrated else 1.0))
+        if progress:
+            progress(min(start + config.batch, len(files)), len(files))
+
+    raw = np.concatenate(uncalibrated) if uncalibrated else np.empty((0, 5))
+    probabilities = np.concatenate(calibrated) if calibrated else np.empty((0, 5))
+    train_prior = np.asarray(grader.preprocessing.train_prior, dtype=float)
+    final, priors = adjust_for_prior(probabilities, train_prior, config)
+    for i, p in zip(graded_index, final, strict=True):
+        rows[i]["kl_grade"] = int(np.argmax(p))
+        rows[i].update({f"p{g}": f"{p[g]:.4f}" for g in range(5)})
+    write_csv_atomic(out_dir / "grades.csv", GRADES_COLUMNS, rows)
+
+    run = GradeRun(rows, priors=priors)
+    true = np.array([rows[i]["true_grade"] for i in graded_index], dtype=int)
+    if len(true) and (true >= 0).all():
+        metrics = grading_metrics(true, final)
+        metrics["ece_uncalibrated"] = grading_metrics(true, raw)["ece"]
+        metrics["ece_calibrated"] = grading_metrics(true, probabilities)["ece"]
+        metrics["temperature"] = grader.preprocessing.temperature if config.calibrated else 1.0
+        metrics["grader"] = grader.version
+        metrics["refused"] = len(run.refused)
+        metrics.update(priors)
+        run.metrics = metrics
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    elif priors.keys() - {"train_prior"}:
+        (out_dir / "metrics.json").write_text(json.dumps({"n": len(graded_index), **priors}, indent=2))
+    return run

@@ -1,0 +1,178 @@
+"""The Xception KL grader: architecture, heads, and the grader file that carries its preprocessing.
+
+A grader file (``.npz``) holds the network weights (float16) and, under the key
+``kneepipe``, a JSON :class:`Preprocessing` record: input size, channel handling,
+scaling, class names, head, crop framing, the fitted temperature and the training
+grade prior. Inference reads all of it from the file; nothing is defined twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kneepipe.runtime import import_keras
+
+NUM_GRADES = 5
+FORMAT_VERSION = 1
+# How the grader's input crops are framed: the detector's box is the crop square
+# (kneepipe.detect.framing) and the OAI-KL224 crops were cut the same way.
+OAI_FRAMING = "oai-kl224: square crop centred on the tibiofemoral joint space, 224 px, natural side"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Everything inference must do to a crop before the network sees it, and how to read the output."""
+
+    input_size: int
+    head: str  # "softmax" or "corn"
+    channels: int = 3  # grayscale replicated to this many channels
+    scaling: str = "x/127.5-1 inside the network"
+    resize_interpolation: str = "area"
+    crop_size: int = 224
+    framing: str = OAI_FRAMING
+    class_names: tuple[str, ...] = ("KL0", "KL1", "KL2", "KL3", "KL4")
+    temperature: float = 1.0
+    train_prior: tuple[float, ...] = (0.2, 0.2, 0.2, 0.2, 0.2)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps({"format_version": FORMAT_VERSION, **dataclasses.asdict(self)})
+
+    @classmethod
+    def from_json(cls, text: str) -> Preprocessing:
+        record = json.loads(text)
+        version = record.pop("format_version", None)
+        if version != FORMAT_VERSION:
+            raise ValueError(f"grader format version {version} is not supported (expected {FORMAT_VERSION})")
+        record["class_names"] = tuple(record["class_names"])
+        record["train_prior"] = tuple(record["train_prior"])
+        return cls(**record)
+
+
+def head_units(head: str) -> int:
+    """Output units of a head: 5 softmax logits, or 4 CORN conditional logits."""
+    return NUM_GRADES if head == "softmax" else NUM_GRADES - 1
+
+
+def build_grader(head: str = "softmax", dropout: float = 0.3, weights: str | None = None, channels: int = 3):
+    """An Xception KL grader taking uint8-range images of any size >= 71 px.
+
+    Args:
+        head: ``softmax`` (5 logits) or ``corn`` (4 conditional ordinal logits).
+        dropout: dropout before the final dense layer.
+        weights: ``None`` for random init, ``"imagenet"`` (downloads; networked machines
+            only), or a path to an Xception weights file.
+        channels: input channels (grayscale is replicated).
+
+    >>> model = build_grader("corn")  # doctest: +SKIP
+    >>> model.output_shape  # doctest: +SKIP
+    (None, 4)
+    """
+    keras = import_keras()
+    inputs = keras.Input(shape=(None, None, channels), name="crop")
+    scaled = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="scale")(inputs)
+    backbone = keras.applications.Xception(
+        include_top=False, weights=weights, input_shape=(None, None, channels), pooling="avg"
+    )
+    features = backbone(scaled)
+    features = keras.layers.Dropout(dropout, name="dropout")(features)
+    # The logits stay float32 under mixed precision, for a stable loss and softmax.
+    logits = keras.layers.Dense(head_units(head), dtype="float32", name="logits")(features)
+    return keras.Model(inputs, logits, name=f"xception_kl_{head}")
+
+
+def probabilities_from_logits(logits: np.ndarray, head: str, temperature: float = 1.0) -> np.ndarray:
+    """Grade probabilities ``(n, 5)`` from network outputs, with temperature scaling.
+
+    For CORN, the 4 outputs are logits of P(grade > k | grade > k-1); their cumulative
+    products give P(grade > k), whose differences are the grade probabilities.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    if head == "softmax":
+        z = logits / temperature
+        z -= z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        return p / p.sum(axis=1, keepdims=True)
+    conditional = 1.0 / (1.0 + np.exp(-logits))
+    above = np.cumprod(conditional, axis=1)  # P(grade > k), k = 0..3
+    upper = np.concatenate([np.ones((len(logits), 1)), above], axis=1)
+    lower = np.concatenate([above, np.zeros((len(logits), 1))], axis=1)
+    p = np.clip(upper - lower, 1e-12, 1.0)
+    p /= p.sum(axis=1, keepdims=True)
+    if temperature != 1.0:
+        z = np.log(p) / temperature
+        z -= z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(axis=1, keepdims=True)
+    return p
+
+
+def corn_loss(y_true, logits):
+    """CORN loss (Shi et al. 2021): binary cross-entropy of task k on samples with grade >= k."""
+    keras = import_keras()
+    ops = keras.ops
+    grades = ops.reshape(ops.cast(y_true, "int32"), (-1, 1))
+    tasks = ops.reshape(ops.arange(NUM_GRADES - 1, dtype="int32"), (1, -1))
+    targets = ops.cast(grades > tasks, "float32")
+    in_task = ops.cast(grades >= tasks, "float32")
+    logits = ops.cast(logits, "float32")
+    # Numerically stable binary cross-entropy with logits, element-wise.
+    bce = ops.maximum(logits, 0.0) - logits * targets + ops.log1p(ops.exp(-ops.abs(logits)))
+    return ops.sum(bce * in_task, axis=1) / ops.maximum(ops.sum(in_task, axis=1), 1.0)
+
+
+def save_grader(model, preprocessing: Preprocessing, path: str | Path) -> Path:
+    """Write a grader file: float16 weights plus the preprocessing record, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {f"w{i:04d}": np.asarray(w).astype(np.float16) for i, w in enumerate(model.get_weights())}
+    arrays["kneepipe"] = np.array(preprocessing.to_json())
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+def read_preprocessing(path: str | Path) -> Preprocessing:
+    """The preprocessing record of a grader file, without loading the network."""
+    with np.load(path, allow_pickle=False) as archive:
+        return Preprocessing.from_json(str(archive["kneepipe"]))
+
+
+def load_grader(path: str | Path, dtype: str = "float32"):
+    """Rebuild the network of a grader file and load its weights. Returns ``(model, preprocessing)``."""
+    keras = import_keras()
+    path = Path(path)
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a kneepipe grader file ({err})") from err
+    with archive:
+        preprocessing = Preprocessing.from_json(str(archive["kneepipe"]))
+        names = sorted(k for k in archive.files if k.startswith("w"))
+        weights = [archive[k].astype(np.float32) for k in names]
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(dtype)
+    try:
+        model = build_grader(preprocessing.head, channels=preprocessing.channels)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    model.set_weights(weights)
+    return model, preprocessing
+
+
+def file_digest(path: str | Path) -> str:
+    """A short content hash naming a model version in outputs and reports."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]

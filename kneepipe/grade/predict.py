@@ -1,0 +1,95 @@
+"""Grading knee crops with a trained grader file.
+
+>>> grader = Grader.load()  # the shipped model  # doctest: +SKIP
+>>> grader.predict_proba([crop]).round(2)  # doctest: +SKIP
+array([[0.61, 0.27, 0.1 , 0.02, 0.  ]])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from kneepipe.grade.data import fit_crop, network_input, resize_all
+from kneepipe.grade.model import file_digest, load_grader, probabilities_from_logits
+from kneepipe.runtime import import_keras
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+DEFAULT_GRADER = WEIGHTS_DIR / "grader.npz"
+
+
+class Grader:
+    """A loaded KL grader: its network, its preprocessing record and its version."""
+
+    def __init__(self, model, preprocessing, path: Path, precision: str = "float32"):
+        self.model = model
+        self.preprocessing = preprocessing
+        self.path = path
+        self.precision = precision
+        self.version = f"{path.name}@{file_digest(path)}"
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, precision: str = "float32") -> Grader:
+        """Load a grader file (the shipped one when ``path`` is None) in ``float32`` or ``bfloat16``."""
+        path = Path(path) if path else DEFAULT_GRADER
+        if not path.exists():
+            raise FileNotFoundError(f"grader file not found: {path}")
+        model, preprocessing = load_grader(path, dtype=precision)
+        return cls(model, preprocessing, path, precision)
+
+    def prepare(self, crops: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+        """Crops (2-D uint8, any size) -> the network's input, as the stored preprocessing says."""
+        size = self.preprocessing.input_size
+        stack = resize_all(np.stack([fit_crop(c, self.preprocessing.crop_size) for c in crops]), size)
+        return network_input(stack, self.preprocessing.channels)
+
+    def predict_logits(self, crops: Sequence[np.ndarray] | np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """Raw network outputs for a batch of crops."""
+        if len(crops) == 0:
+            return np.empty((0, 5 if self.preprocessing.head == "softmax" else 4), np.float32)
+        outputs = []
+        for start in range(0, len(crops), batch_size):
+            x = self.prepare(crops[start : start + batch_size])
+            outputs.append(np.asarray(self.model(x, training=False), dtype=np.float32))
+        return np.concatenate(outputs)
+
+    def predict_proba(
+        self, crops: Sequence[np.ndarray] | np.ndarray, batch_size: int = 32, calibrated: bool = True
+    ) -> np.ndarray:
+        """``(n, 5)`` KL grade probabilities; temperature-scaled unless ``calibrated=False``."""
+        temperature = self.preprocessing.temperature if calibrated else 1.0
+        return probabilities_from_logits(self.predict_logits(crops, batch_size), self.preprocessing.head, temperature)
+
+    def gradcam(self, crop: np.ndarray, grade: int | None = None) -> np.ndarray:
+        """Grad-CAM heat map (crop-sized, 0-1) of what drove the grade of one crop.
+
+        Uses the last convolutional block of Xception. For the CORN head the score is
+        the summed ordinal logits (expected-grade direction) unless ``grade`` is given.
+        """
+        import tensorflow as tf
+
+        keras = import_keras()
+        backbone = next(layer for layer in self.model.layers if isinstance(layer, keras.Model))
+        feature_model = keras.Model(backbone.inputs, backbone.get_layer("block14_sepconv2_act").output)
+        x = tf.convert_to_tensor(self.prepare([crop]))
+        with tf.GradientTape() as tape:
+            scaled = self.model.get_layer("scale")(x)
+            features = feature_model(scaled, training=False)
+            tape.watch(features)
+            pooled = keras.ops.mean(features, axis=(1, 2))
+            logits = self.model.get_layer("logits")(pooled)
+            if self.preprocessing.head == "softmax":
+                target = int(np.argmax(logits[0])) if grade is None else grade
+                score = logits[:, target]
+            else:
+                score = keras.ops.sum(logits, axis=1)
+        gradients = tape.gradient(score, features)
+        channel_weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
+        cam = tf.nn.relu(tf.reduce_sum(channel_weights * features, axis=-1))[0].numpy().astype(np.float32)
+        if cam.max() > 0:
+            cam /= cam.max()
+        import cv2
+
+        return cv2.resize(cam, (crop.shape[1], crop.shape[0]), interpolation=cv2.INTER_CUBIC).clip(0, 1)

@@ -1,0 +1,123 @@
+"""Stage 2: the grader's training path, its file format, and `kneepipe grade` in-process."""
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from kneepipe.cli import app
+from kneepipe.cli_common import EXIT_SOME_REFUSED
+from kneepipe.config import load_config
+from kneepipe.grade import train as train_module
+from kneepipe.grade.config import GradeConfig
+from kneepipe.grade.model import Preprocessing, read_preprocessing
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "epochs": 2,
+    "sizes": [71, 80],
+    "size_epochs": [1],
+    "train_batch": 8,
+    "max_train_images": 16,
+    "max_val_images": 10,
+    "lr": 0.001,
+    "warmup_epochs": 0.0,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, oai_dir):
+    """A 2-epoch grader run on 16 real crops, interrupted in its second epoch, then resumed."""
+    run_dir = tmp_path_factory.mktemp("grader-run")
+    config = load_config(GradeConfig, overrides={**TINY, "data": str(oai_dir)})
+    real_batches = train_module._batches
+
+    def killed_in_epoch_two(*args, **kwargs):
+        if args[4] == 1:  # the 0-based epoch argument
+            raise KeyboardInterrupt("simulated kill")
+        return real_batches(*args, **kwargs)
+
+    train_module._batches = killed_in_epoch_two
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_module.train_grader(config, run_dir)
+    finally:
+        train_module._batches = real_batches
+    after_kill = json.loads((run_dir / "state.json").read_text())
+    best = train_module.train_grader(config, run_dir)  # the same command again resumes
+    return run_dir, config, after_kill, best
+
+
+def test_training_resumes_after_a_kill(tiny_run):
+    run_dir, _, after_kill, best = tiny_run
+    assert after_kill["epochs_done"] == 1
+    with open(run_dir / "metrics.csv") as handle:
+        epochs = [int(row["epoch"]) for row in csv.DictReader(handle)]
+    assert epochs == [1, 2]  # epoch 1 not repeated, epoch 2 not lost
+    log = (run_dir / "train.log").read_text()
+    assert "resumed from" in log and "after epoch 1" in log
+    for name in ("args.yaml", "last.keras", "best.npz", "state.json"):
+        assert (run_dir / name).exists(), name
+    assert best["epoch"] in (1, 2)
+
+
+def test_preprocessing_is_read_from_the_saved_model(tiny_run, tmp_path):
+    from kneepipe.grade.predict import Grader
+
+    run_dir, _, _, _ = tiny_run
+    stored = read_preprocessing(run_dir / "best.npz")
+    assert stored.input_size in (71, 80) and stored.head == "softmax"
+    assert sum(stored.train_prior) == pytest.approx(1.0)
+    grader = Grader.load(run_dir / "best.npz")
+    # A 300x300 crop is brought to the framing size, then to the stored input size.
+    x = grader.prepare([np.zeros((300, 300), np.uint8), np.zeros((224, 224), np.uint8)])
+    assert x.shape == (2, stored.input_size, stored.input_size, 3)
+    p = grader.predict_proba(np.zeros((3, 224, 224), np.uint8))
+    assert p.shape == (3, 5) and np.allclose(p.sum(axis=1), 1.0)
+
+
+def test_preprocessing_round_trips_through_json():
+    record = Preprocessing(input_size=160, head="corn", temperature=1.3, train_prior=(0.4, 0.2, 0.2, 0.15, 0.05))
+    assert Preprocessing.from_json(record.to_json()) == record
+
+
+def test_grade_cli_writes_outputs_and_exact_metrics(tiny_run, oai_dir, tmp_path):
+    run_dir, _, _, _ = tiny_run
+    crops = tmp_path / "crops"
+    for grade in (0, 2, 4):
+        (crops / str(grade)).mkdir(parents=True)
+        for source in sorted((oai_dir / "val" / str(grade)).glob("*.png"))[:3]:
+            shutil.copy(source, crops / str(grade) / source.name)
+    (crops / "2" / "broken.png").write_text("this is not an image")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["grade", str(crops), "--out", str(out), "--model", str(run_dir / "best.npz")])
+    assert result.exit_code == EXIT_SOME_REFUSED, result.output
+    with open(out / "grades.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["crop", "kl_grade", "p0", "p1", "p2", "p3", "p4", "status", "message"]
+    assert len(rows) == 10
+    broken = [r for r in rows if r["crop"].endswith("broken.png")]
+    assert broken[0]["status"] == "error" and "broken.png" not in broken[0]["message"] and broken[0]["message"]
+    graded = [r for r in rows if r["status"] == "ok"]
+    # Recompute the confusion matrix by hand from grades.csv and the folder names.
+    matrix = np.zeros((5, 5), int)
+    for row in graded:
+        matrix[int(Path(row["crop"]).parent.name), int(row["kl_grade"])] += 1
+        assert sum(float(row[f"p{g}"]) for g in range(5)) == pytest.approx(1.0, abs=1e-3)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["confusion_matrix"] == matrix.tolist()
+    assert metrics["n"] == 9 and metrics["true_counts"] == [3, 0, 3, 0, 3]
+    assert metrics["accuracy"] == pytest.approx(np.trace(matrix) / 9, abs=1e-4)
+    assert (out / "args.yaml").exists()
+    assert "true vs predicted grade counts" in result.output
+
+
+def test_grade_cli_rejects_a_bad_config_value(tmp_path):
+    result = CliRunner().invoke(app, ["grade", str(tmp_path), "--out", str(tmp_path / "o"), "batch=0"])
+    assert result.exit_code == 2
+    assert "batch" in result.output
