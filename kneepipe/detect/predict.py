@@ -1,0 +1,357 @@
+"""Finding knee joints on radiographs: the detector and the ``kneepipe detect`` batch.
+
+:class:`JointDetector` wraps the trained two-class YOLO model (patient's right knee,
+left knee) and turns its boxes into framework-free :class:`~kneepipe.joints.Joint`
+objects whose crops are framed by :func:`kneepipe.detect.framing.crop_joint`, the
+same framing the grader's training crops have. :func:`detect_folder` runs it over a
+file or a folder and writes the crops and ``joints.csv``; a file that cannot be read
+gets an ``error`` row and the batch goes on.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from kneepipe.config import save_config
+from kneepipe.detect.compose import SIDES
+from kneepipe.detect.config import DetectConfig
+from kneepipe.detect.framing import crop_joint, square_box
+from kneepipe.imaging import ImageReadError, Radiograph, find_images, read_radiograph
+from kneepipe.joints import (
+    STATUS_ERROR,
+    STATUS_NO_KNEE,
+    STATUS_NOT_GRADABLE_VIEW,
+    STATUS_OK,
+    Detection,
+    Joint,
+)
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "detector.pt"
+"""The detector shipped in the package, used when the config's ``model`` is null."""
+
+LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "ML", "LM", "XTABLE"})
+"""DICOM ViewPosition values of lateral views, which KL grading cannot use."""
+
+JOINTS_CSV_COLUMNS = (
+    "image",
+    "side",
+    "x1",
+    "y1",
+    "x2",
+    "y2",
+    "confidence",
+    "crop",
+    "status",
+    "message",
+)
+_NEAR_WHITE = 250
+
+
+def file_version(path: Path) -> str:
+    """A short content hash naming a weights file, e.g. ``detector.pt@1a2b3c4d5e6f``."""
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+    return f"{Path(path).name}@{digest}"
+
+
+@dataclass
+class JointDetector:
+    """The knee-joint detector: radiographs in, joints (box, side, crop) out.
+
+    Attributes:
+        model: the loaded Ultralytics model.
+        config: the detect config (inference size, thresholds, crop size).
+        weights: the weights file it was loaded from.
+        version: the weights' name and content hash, recorded beside every output.
+    """
+
+    model: Any = field(repr=False)
+    config: DetectConfig
+    weights: Path
+    version: str
+
+    @classmethod
+    def load(cls, config: DetectConfig | None = None) -> JointDetector:
+        """Load the weights named by ``config.model`` (null: the shipped detector).
+
+        Raises:
+            FileNotFoundError: the weights file does not exist.
+
+        >>> detector = JointDetector.load()  # doctest: +SKIP
+        >>> detector.version
+        'detector.pt@...'
+        """
+        if config is None:
+            from kneepipe.config import load_config
+
+            config = load_config(DetectConfig)
+        weights = Path(config.model) if config.model else DEFAULT_WEIGHTS
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights}: detector weights not found")
+        from kneepipe.runtime import prepare_frameworks
+
+        prepare_frameworks()
+        from ultralytics import YOLO
+
+        model = YOLO(str(weights), task="detect")
+        names = [str(model.names[i]) for i in sorted(model.names)]
+        if names != ["right_knee", "left_knee"]:
+            raise ValueError(f"{weights}: expected classes right_knee, left_knee, got {names}")
+        return cls(model=model, config=config, weights=weights, version=file_version(weights))
+
+    def detect(self, radiographs: Sequence[Radiograph]) -> list[Detection]:
+        """Find the knee joints of each radiograph (one model call per batch).
+
+        Lateral DICOM views are refused without running the model. Boxes come back in
+        the source file's pixels; crops are cut from the pixels as read.
+
+        >>> detection = detector.detect([read_radiograph("knees.png")])[0]  # doctest: +SKIP
+        >>> [(joint.side, joint.crop.shape) for joint in detection.joints]
+        [('R', (224, 224)), ('L', (224, 224))]
+        """
+        detections: list[Detection | None] = [None] * len(radiographs)
+        to_run = []
+        for index, radiograph in enumerate(radiographs):
+            view = (radiograph.view or "").strip().upper()
+            if view in LATERAL_VIEWS:
+                detections[index] = Detection(
+                    radiograph.path,
+                    (),
+                    STATUS_NOT_GRADABLE_VIEW,
+                    f"view position {radiograph.view} is a lateral view; KL grading needs AP/PA",
+                )
+            else:
+                to_run.append(index)
+        for start in range(0, len(to_run), self.config.batch):
+            batch = to_run[start : start + self.config.batch]
+            results = self._predict([radiographs[i].pixels for i in batch])
+            for index, boxes in zip(batch, results, strict=True):
+                detections[index] = self._to_detection(radiographs[index], boxes)
+        return detections  # type: ignore[return-value]
+
+    def _predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Rows of ``x1, y1, x2, y2, confidence, class`` per image, in image pixels."""
+        results = self.model.predict(
+            source=[cv2.cvtColor(image, cv2.COLOR_GRAY2BGR) for image in images],
+            imgsz=self.config.imgsz,
+            conf=self.config.conf,
+            iou=self.config.iou,
+            max_det=self.config.max_det,
+            agnostic_nms=True,  # one joint is one knee, whichever side the model favours
+            device="cpu",
+            verbose=False,
+        )
+        return [result.boxes.data.cpu().numpy().reshape(-1, 6) for result in results]
+
+    def _to_detection(self, radiograph: Radiograph, boxes: np.ndarray) -> Detection:
+        pixels = radiograph.pixels
+        height, width = pixels.shape
+        if len(boxes) == 0:
+            message = "no knee joint found"
+            white = float(np.mean(pixels >= _NEAR_WHITE))
+            if white > self.config.overexposed_fraction:
+                message += f" (the film looks over-exposed: {white:.0%} of pixels near white)"
+            return Detection(radiograph.path, (), STATUS_NO_KNEE, message)
+        sides = [SIDES[int(row[5])] for row in boxes]
+        centres = [(row[0] + row[2]) / 2 for row in boxes]
+        if len(boxes) == 2 and sides[0] == sides[1]:
+            # Two knees on one film: on AP/PA films the patient's right is the image's left.
+            order = np.argsort(centres)
+            sides = [None, None]
+            sides[order[0]], sides[order[1]] = "R", "L"
+        elif len(boxes) == 1 and radiograph.laterality in SIDES:
+            sides = [radiograph.laterality]  # the file states which knee it shows
+        joints = []
+        for row, side in zip(boxes, sides, strict=True):
+            box = square_box(tuple(row[:4]), image_size=(width, height))
+            crop = crop_joint(pixels, box, size=self.config.crop_size)
+            source_box = tuple(float(v) / radiograph.scale for v in box)
+            joints.append(Joint(radiograph.path, side, source_box, float(row[4]), crop))
+        joints.sort(key=lambda joint: (joint.box[0] + joint.box[2]) / 2)
+        return Detection(radiograph.path, tuple(joints))
+
+
+@dataclass(frozen=True)
+class DetectSummary:
+    """What a ``detect_folder`` run did: files seen, rows per status, where it wrote."""
+
+    images: int
+    joints: int
+    status_counts: dict[str, int]
+    joints_csv: Path
+    detector_version: str
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _crop_name(stem: str, side: str, taken: set[str]) -> str:
+    name, number = f"{stem}_{side}.png", 2
+    while name in taken:
+        name, number = f"{stem}_{side}_{number}.png", number + 1
+    taken.add(name)
+    return name
+
+
+def _rows_for(detection: Detection, out_dir: Path, taken: set[str]) -> list[dict[str, str]]:
+    image = str(detection.image)
+    if not detection.joints:
+        return [
+            {
+                "image": image,
+                "side": "",
+                "x1": "",
+                "y1": "",
+                "x2": "",
+                "y2": "",
+                "confidence": "",
+                "crop": "",
+                "status": detection.status,
+                "message": detection.message,
+            }
+        ]
+    rows = []
+    for joint in detection.joints:
+        name = _crop_name(Path(joint.image).stem, joint.side, taken)
+        ok, encoded = cv2.imencode(".png", joint.crop)
+        if not ok:
+            raise OSError(f"cannot encode the {joint.side} crop of {image}")
+        _write_atomic(out_dir / name, encoded.tobytes())
+        x1, y1, x2, y2 = joint.box
+        rows.append(
+            {
+                "image": image,
+                "side": joint.side,
+                "x1": f"{x1:.1f}",
+                "y1": f"{y1:.1f}",
+                "x2": f"{x2:.1f}",
+                "y2": f"{y2:.1f}",
+                "confidence": f"{joint.confidence:.4f}",
+                "crop": name,
+                "status": STATUS_OK,
+                "message": "",
+            }
+        )
+    return rows
+
+
+def write_joints_csv(rows: Iterable[dict[str, str]], path: Path) -> None:
+    """Write ``joints.csv`` (the columns of :data:`JOINTS_CSV_COLUMNS`) atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=JOINTS_CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_atomic(path, buffer.getvalue().encode())
+
+
+def detect_folder(
+    inputs: Path,
+    out_dir: Path,
+    config: DetectConfig,
+    detector: JointDetector | None = None,
+    progress: bool = True,
+) -> DetectSummary:
+    """Detect the knee joints of every radiograph under ``inputs``; write crops and CSV.
+
+    Writes ``out_dir/<image stem>_<side>.png`` per joint, ``out_dir/joints.csv`` with a
+    row per joint or one row saying why a file has none, and ``out_dir/args.yaml``.
+    A file that cannot be read or processed gets an ``error`` row naming the reason.
+
+    Args:
+        inputs: a radiograph file or a folder searched recursively.
+        out_dir: the output folder (created).
+        config: the resolved detect config.
+        detector: an already loaded detector (else loaded from ``config``).
+        progress: show a progress bar on stderr for batches of more than one file.
+
+    Raises:
+        FileNotFoundError: ``inputs`` does not exist, or the weights are missing.
+
+    >>> cfg = load_config(DetectConfig)  # doctest: +SKIP
+    >>> detect_folder(Path("raw"), Path("crops"), cfg).status_counts  # doctest: +SKIP
+    {'ok': 12, 'no_knee': 1}
+    """
+    paths = find_images(inputs)
+    detector = detector or JointDetector.load(config)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, str]] = []
+    taken: set[str] = set()
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    bar = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+        disable=not progress or len(paths) <= 1,
+    )
+    with bar:
+        task = bar.add_task("detecting knee joints", total=len(paths))
+        for start in range(0, len(paths), config.batch):
+            batch_paths = paths[start : start + config.batch]
+            radiographs, detections = [], {}
+            for path in batch_paths:
+                try:
+                    radiographs.append(read_radiograph(path, max_side=config.max_side))
+                except ImageReadError as err:
+                    detections[path] = Detection(path, (), STATUS_ERROR, err.reason)
+            for detection in _detect_guarded(detector, radiographs):
+                detections[detection.image] = detection
+            for path in batch_paths:
+                try:
+                    rows.extend(_rows_for(detections[path], out_dir, taken))
+                except (OSError, ValueError) as err:
+                    rows.append(_rows_for(Detection(path, (), STATUS_ERROR, str(err)), out_dir, taken)[0])
+            bar.advance(task, len(batch_paths))
+
+    joints_csv = out_dir / "joints.csv"
+    write_joints_csv(rows, joints_csv)
+    save_config(
+        config,
+        out_dir,
+        extra={"inputs": str(inputs), "detector": str(detector.weights), "detector_version": detector.version},
+    )
+    counts = Counter(row["status"] for row in rows if row["status"] != STATUS_OK)
+    counts[STATUS_OK] = sum(1 for row in rows if row["status"] == STATUS_OK)
+    return DetectSummary(
+        images=len(paths),
+        joints=counts[STATUS_OK],
+        status_counts=dict(counts),
+        joints_csv=joints_csv,
+        detector_version=detector.version,
+    )
+
+
+def _detect_guarded(detector: JointDetector, radiographs: list[Radiograph]) -> list[Detection]:
+    """Run a batch; if it fails, run its files one by one so one bad file costs one row."""
+    if not radiographs:
+        return []
+    try:
+        return detector.detect(radiographs)
+    except Exception:  # noqa: BLE001 - isolate the failing file below
+        pass
+    detections = []
+    for radiograph in radiographs:
+        try:
+            detections.extend(detector.detect([radiograph]))
+        except Exception as err:  # noqa: BLE001 - any failure becomes that file's error row
+            detections.append(Detection(radiograph.path, (), STATUS_ERROR, f"detection failed: {err}"))
+    return detections
