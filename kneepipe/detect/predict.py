@@ -134,12 +134,12 @@ class JointDetector:
                 to_run.append(index)
         for start in range(0, len(to_run), self.config.batch):
             batch = to_run[start : start + self.config.batch]
-            results = self._predict([radiographs[i].pixels for i in batch])
+            results = self.predict_boxes([radiographs[i].pixels for i in batch])
             for index, boxes in zip(batch, results, strict=True):
-                detections[index] = self._to_detection(radiographs[index], boxes)
+                detections[index] = self.to_detection(radiographs[index], boxes)
         return detections  # type: ignore[return-value]
 
-    def _predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
+    def predict_boxes(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Rows of ``x1, y1, x2, y2, confidence, class`` per image, in image pixels."""
         results = self.model.predict(
             source=[cv2.cvtColor(image, cv2.COLOR_GRAY2BGR) for image in images],
@@ -153,7 +153,13 @@ class JointDetector:
         )
         return [result.boxes.data.cpu().numpy().reshape(-1, 6) for result in results]
 
-    def _to_detection(self, radiograph: Radiograph, boxes: np.ndarray) -> Detection:
+    def to_detection(self, radiograph: Radiograph, boxes: np.ndarray) -> Detection:
+        """Turn one image's raw boxes into joints: sides, square boxes, crops, source pixels.
+
+        Two boxes of the same side on one film are sided by position (the patient's
+        right knee is on the image's left); a single knee takes the file's laterality
+        tag when it has one.
+        """
         pixels = radiograph.pixels
         height, width = pixels.shape
         if len(boxes) == 0:
@@ -206,7 +212,11 @@ def _crop_name(stem: str, side: str, taken: set[str]) -> str:
     return name
 
 
-def _rows_for(detection: Detection, out_dir: Path, taken: set[str]) -> list[dict[str, str]]:
+def write_joint_rows(detection: Detection, out_dir: Path, taken: set[str]) -> list[dict[str, str]]:
+    """Write a detection's crops into ``out_dir``; return its ``joints.csv`` rows.
+
+    ``taken`` holds the crop names already used, so duplicates get ``_2``, ``_3``...
+    """
     image = str(detection.image)
     if not detection.joints:
         return [
@@ -317,9 +327,9 @@ def detect_folder(
                 detections[detection.image] = detection
             for path in batch_paths:
                 try:
-                    rows.extend(_rows_for(detections[path], out_dir, taken))
+                    rows.extend(write_joint_rows(detections[path], out_dir, taken))
                 except (OSError, ValueError) as err:
-                    rows.append(_rows_for(Detection(path, (), STATUS_ERROR, str(err)), out_dir, taken)[0])
+                    rows.append(write_joint_rows(Detection(path, (), STATUS_ERROR, str(err)), out_dir, taken)[0])
             bar.advance(task, len(batch_paths))
 
     joints_csv = out_dir / "joints.csv"

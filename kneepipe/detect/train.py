@@ -23,6 +23,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import yaml
 
 from kneepipe.config import save_config
 from kneepipe.detect.compose import SIDES, compose_dataset
@@ -125,7 +126,7 @@ def build_dataset(config: DetectConfig, dataset_dir: Path) -> Path:
         )
     )
     tmp = data_yaml.with_suffix(".tmp")
-    tmp.write_text(json.dumps(content, indent=2))  # JSON is valid YAML
+    tmp.write_text(yaml.safe_dump(content, sort_keys=False))
     tmp.replace(data_yaml)
     return data_yaml
 

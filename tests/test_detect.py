@@ -1,0 +1,131 @@
+"""The shipped detector on real radiographs, and ``kneepipe detect`` run in-process."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from kneepipe.cli import app
+from kneepipe.cli_common import EXIT_FAILED, EXIT_OK, EXIT_SOME_REFUSED
+from kneepipe.config import load_config
+from kneepipe.detect.config import DetectConfig
+from kneepipe.detect.evaluate import box_iou, read_annotations
+from kneepipe.detect.predict import DEFAULT_WEIGHTS, JOINTS_CSV_COLUMNS, JointDetector
+from kneepipe.imaging import Radiograph, read_radiograph
+
+pytestmark = pytest.mark.slow  # runs the real model
+
+
+@pytest.fixture(scope="module")
+def detector() -> JointDetector:
+    assert DEFAULT_WEIGHTS.is_file(), "the shipped detector kneepipe/weights/detector.pt is missing"
+    return JointDetector.load(load_config(DetectConfig))
+
+
+@pytest.fixture(scope="module")
+def annotations():
+    return read_annotations()
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        assert tuple(reader.fieldnames) == JOINTS_CSV_COLUMNS
+        return list(reader)
+
+
+@pytest.mark.parametrize("name", ["bilateral_0.png", "stage_2_7.jpg", "arthritis_7.jpg"])
+def test_finds_annotated_joints_with_their_sides(detector, annotations, radiographs_dir, name):
+    detection = detector.detect([read_radiograph(radiographs_dir / name)])[0]
+    truth = annotations[name]["joints"]
+    assert detection.status == "ok" and len(detection.joints) == len(truth)
+    for side, box in truth:
+        best = max(detection.joints, key=lambda joint: box_iou(box, joint.box))
+        assert box_iou(box, best.box) >= 0.5, (name, side, best.box)
+        assert best.side == side
+        assert best.crop.shape == (224, 224) and best.crop.dtype == np.uint8
+
+
+def test_no_joint_on_a_foot(detector, radiographs_dir):
+    detection = detector.detect([read_radiograph(radiographs_dir / "stage_1_5.jpg")])[0]
+    assert detection.joints == () and detection.status == "no_knee"
+
+
+def test_boxes_are_in_source_pixels_when_the_image_was_shrunk(detector, radiographs_dir):
+    full = read_radiograph(radiographs_dir / "bilateral_0.png")
+    small = read_radiograph(radiographs_dir / "bilateral_0.png", max_side=400)
+    assert small.scale < 1
+    boxes_full = [j.box for j in detector.detect([full])[0].joints]
+    boxes_small = [j.box for j in detector.detect([small])[0].joints]
+    assert len(boxes_full) == len(boxes_small) == 2
+    for a, b in zip(boxes_full, boxes_small, strict=True):
+        assert box_iou(a, b) > 0.8
+
+
+def test_a_lateral_dicom_view_is_refused_without_the_model(detector):
+    lateral = Radiograph(pixels=np.zeros((64, 64), np.uint8), path=Path("knee.dcm"), original_size=(64, 64), view="LL")
+    detection = detector.detect([lateral])[0]
+    assert detection.status == "not_gradable_view" and "LL" in detection.message
+
+
+def test_single_knee_side_comes_from_the_dicom_tag(detector, radiographs_dir):
+    single = read_radiograph(radiographs_dir / "arthritis_7.jpg")  # a right knee
+    tagged = Radiograph(pixels=single.pixels, path=single.path, original_size=single.original_size, laterality="L")
+    assert [j.side for j in detector.detect([tagged])[0].joints] == ["L"]
+
+
+def test_cli_detects_a_folder_and_reports_bad_files(tmp_path, radiographs_dir):
+    raw = tmp_path / "raw"
+    (raw / "nested").mkdir(parents=True)
+    shutil.copy(radiographs_dir / "bilateral_0.png", raw / "nested" / "bilateral_0.png")
+    shutil.copy(radiographs_dir / "stage_1_6.jpg", raw / "foot.jpg")
+    (raw / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (raw / "empty.jpg").write_bytes(b"")
+    out = tmp_path / "crops"
+
+    result = CliRunner().invoke(app, ["detect", str(raw), str(out), "--no-progress"])
+
+    assert result.exit_code == EXIT_SOME_REFUSED, result.output
+    rows = _read_rows(out / "joints.csv")
+    by_image = {}
+    for row in rows:
+        by_image.setdefault(Path(row["image"]).name, []).append(row)
+    assert set(by_image) == {"bilateral_0.png", "foot.jpg", "broken.png", "empty.jpg"}
+    assert sorted(r["side"] for r in by_image["bilateral_0.png"]) == ["L", "R"]
+    for row in by_image["bilateral_0.png"]:
+        assert row["status"] == "ok" and (out / row["crop"]).is_file()
+        assert row["crop"] == f"bilateral_0_{row['side']}.png"
+    assert [r["status"] for r in by_image["foot.jpg"]] == ["no_knee"]
+    for bad in ("broken.png", "empty.jpg"):
+        (row,) = by_image[bad]
+        assert row["status"] == "error" and row["message"] and row["x1"] == "" and row["crop"] == ""
+    args = yaml.safe_load((out / "args.yaml").read_text())
+    assert args["conf"] == load_config(DetectConfig).conf and "detector_version" in args
+
+
+def test_cli_single_file_and_model_option(tmp_path, radiographs_dir):
+    out = tmp_path / "one"
+    result = CliRunner().invoke(
+        app,
+        ["detect", str(radiographs_dir / "stage_2_0.jpg"), str(out), "--model", str(DEFAULT_WEIGHTS), "conf=0.3"],
+    )
+    assert result.exit_code == EXIT_OK, result.output
+    (row,) = _read_rows(out / "joints.csv")
+    assert (row["status"], row["side"]) == ("ok", "R")
+
+
+def test_cli_fails_cleanly_on_missing_input_or_weights(tmp_path, radiographs_dir):
+    runner = CliRunner()
+    missing = runner.invoke(app, ["detect", str(tmp_path / "nope"), str(tmp_path / "out")])
+    assert missing.exit_code == EXIT_FAILED and "nope" in missing.output
+    no_model = runner.invoke(
+        app,
+        ["detect", str(radiographs_dir / "bilateral_0.png"), str(tmp_path / "out"), "--model", str(tmp_path / "x.pt")],
+    )
+    assert no_model.exit_code == EXIT_FAILED and "x.pt" in no_model.output

@@ -1,0 +1,56 @@
+"""Training the detector: a one-epoch run at a tiny size proves the offline path."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from kneepipe.config import load_config
+from kneepipe.detect.config import DetectConfig
+from kneepipe.detect.train import background_images, train_detector
+
+
+def test_background_images_are_the_annotated_lateral_and_foot_films(radiographs_dir):
+    from kneepipe.detect.train import PROJECT_ROOT
+
+    paths = background_images(PROJECT_ROOT / "tests/data/radiograph_annotations.csv", radiographs_dir)
+    names = {p.name for p in paths}
+    assert {"stage_1_5.jpg", "stage_1_6.jpg", "arthritis_3.jpg"} <= names
+    assert not names & {"bilateral_0.png", "arthritis_0.jpg", "arthritis_7.jpg"}
+    assert all(p.is_file() for p in paths)
+
+
+def test_resume_without_a_run_fails_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no interrupted run"):
+        train_detector(load_config(DetectConfig), tmp_path, resume=True)
+
+
+@pytest.mark.slow
+def test_one_epoch_training_writes_a_run_folder(tmp_path):
+    config = load_config(
+        DetectConfig,
+        overrides={
+            "train_images": 6,
+            "val_images": 2,
+            "train_epochs": 1,
+            "close_mosaic": 0,
+            "train_imgsz": 64,
+            "train_batch": 4,
+            "background_copies": 1,
+            "workers": 0,
+        },
+    )
+    best = train_detector(config, tmp_path / "run")
+    run = tmp_path / "run"
+    assert best == run / "yolo" / "weights" / "best.pt" and best.is_file()
+    assert (run / "yolo" / "weights" / "last.pt").is_file()
+    assert (run / "yolo" / "results.csv").is_file()
+    yolo_args = yaml.safe_load((run / "yolo" / "args.yaml").read_text())
+    assert yolo_args["fliplr"] == 0.0 and yolo_args["plots"] is False
+    assert yolo_args["pretrained"] is False
+    ours = yaml.safe_load((run / "args.yaml").read_text())
+    assert ours["train_images"] == 6
+    data = yaml.safe_load((run / "dataset" / "data.yaml").read_text())
+    assert data["names"] == {0: "right_knee", 1: "left_knee"}
+    backgrounds = list((run / "dataset" / "labels" / "train").glob("background_*.txt"))
+    assert backgrounds and all(p.read_text() == "" for p in backgrounds)
