@@ -1,0 +1,131 @@
+"""Temperature scaling and label-shift adaptation on synthetic graders whose truth is known."""
+
+import numpy as np
+import pytest
+
+from kneepipe.grade.calibration import apply_temperature, fit_temperature, temperature_nll
+from kneepipe.grade.prior import estimate_prior_em, parse_prior, resample_to_counts, reweight
+from kneepipe.metrics import expected_calibration_error
+
+# The clinic of the issue: 63/199/139/84/46 knees of KL 0-4.
+CLINIC_COUNTS = np.array([63, 199, 139, 84, 46])
+# The OAI-KL224 train split's grade distribution.
+TRAIN_COUNTS = np.array([2286, 1046, 1516, 757, 173])
+
+
+def _gaussian_grader(train_prior: np.ndarray, n: int, seed: int, noise: float = 1.0):
+    """Knees with a 1-D feature x ~ N(grade, noise); their exact posterior under ``train_prior``.
+
+    The posterior is calibrated by construction for a batch drawn with ``train_prior``.
+    """
+    rng = np.random.default_rng(seed)
+    grades = rng.choice(5, size=n, p=train_prior)
+    x = grades + rng.normal(0.0, noise, size=n)
+    log_likelihood = -0.5 * ((x[:, None] - np.arange(5)[None, :]) / noise) ** 2
+    logits = log_likelihood + np.log(train_prior)
+    probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return grades, probabilities / probabilities.sum(axis=1, keepdims=True)
+
+
+def test_temperature_scaling_lowers_ece_of_an_overconfident_grader():
+    train_prior = TRAIN_COUNTS / TRAIN_COUNTS.sum()
+    grades, calibrated = _gaussian_grader(train_prior, 4000, seed=1)
+    overconfident = apply_temperature(calibrated, 1 / 3)  # logits tripled
+    ece_before = expected_calibration_error(overconfident, grades)
+    temperature = fit_temperature(overconfident, grades)
+    recalibrated = apply_temperature(overconfident, temperature)
+    ece_after = expected_calibration_error(recalibrated, grades)
+    assert temperature == pytest.approx(3.0, rel=0.1)
+    assert ece_before > 0.1
+    assert ece_after < 0.03
+    assert ece_after < ece_before / 3
+    # Accuracy is untouched: temperature scaling never changes the arg-max.
+    assert (recalibrated.argmax(1) == overconfident.argmax(1)).all()
+    assert temperature_nll(overconfident, grades, temperature) < temperature_nll(overconfident, grades, 1.0)
+
+
+def test_fit_temperature_accepts_logits_and_log_probabilities_alike():
+    grades, probabilities = _gaussian_grader(np.full(5, 0.2), 2000, seed=2)
+    logits = np.log(probabilities) * 2.5 + 7.0  # an overconfident logit vector, shifted per row
+    from_logits = fit_temperature(logits, grades)
+    from_probabilities = fit_temperature(apply_temperature(logits, 1.0), grades)
+    assert from_logits == pytest.approx(from_probabilities, rel=1e-3)
+    assert from_logits == pytest.approx(2.5, rel=0.1)
+
+
+def test_apply_temperature_one_is_identity_and_rejects_bad_temperature():
+    _, probabilities = _gaussian_grader(np.full(5, 0.2), 50, seed=3)
+    np.testing.assert_allclose(apply_temperature(probabilities, 1.0), probabilities, atol=1e-9)
+    with pytest.raises(ValueError, match="positive"):
+        apply_temperature(probabilities, 0.0)
+
+
+def test_fit_temperature_rejects_bad_input():
+    with pytest.raises(ValueError, match="shape"):
+        fit_temperature(np.zeros((3, 4)), np.array([0, 1, 2]))
+    with pytest.raises(ValueError, match="KL grades"):
+        fit_temperature(np.zeros((2, 5)), np.array([0, 7]))
+    with pytest.raises(ValueError, match="zero crops"):
+        fit_temperature(np.zeros((0, 5)), np.array([], dtype=int))
+
+
+def test_em_recovers_a_known_prior_on_a_synthetic_resample():
+    train_prior = TRAIN_COUNTS / TRAIN_COUNTS.sum()
+    # A grader about 78% accurate; the clinic's proportions at four times its 531 knees, so
+    # the EM's own sampling error (about 0.03 at most over 20 seeds) stays below the tolerance.
+    grades, probabilities = _gaussian_grader(train_prior, 20000, seed=4, noise=0.5)
+    clinic = resample_to_counts(grades, CLINIC_COUNTS * 4, seed=0)
+    assert np.bincount(grades[clinic], minlength=5).tolist() == (CLINIC_COUNTS * 4).tolist()
+    prior, adjusted = estimate_prior_em(probabilities[clinic], train_prior)
+    true_prior = CLINIC_COUNTS / CLINIC_COUNTS.sum()
+    assert np.abs(train_prior - true_prior).max() > 0.25  # the shift to undo is large
+    assert np.abs(prior - true_prior).max() < 0.04
+    assert prior.sum() == pytest.approx(1.0)
+    # Grading with the recovered prior beats grading with the training prior on this batch.
+    accuracy_plain = (probabilities[clinic].argmax(1) == grades[clinic]).mean()
+    accuracy_adapted = (adjusted.argmax(1) == grades[clinic]).mean()
+    assert accuracy_adapted > accuracy_plain + 0.03
+
+
+def test_em_leaves_a_batch_drawn_with_the_training_prior_nearly_alone():
+    train_prior = TRAIN_COUNTS / TRAIN_COUNTS.sum()
+    grades, probabilities = _gaussian_grader(train_prior, 5000, seed=5, noise=0.5)
+    prior, adjusted = estimate_prior_em(probabilities, train_prior)
+    assert np.abs(prior - train_prior).max() < 0.04
+    agreement = (adjusted.argmax(1) == probabilities.argmax(1)).mean()
+    assert agreement > 0.97
+
+
+def test_reweight_with_equal_priors_is_identity_and_follows_bayes_rule():
+    _, probabilities = _gaussian_grader(np.full(5, 0.2), 100, seed=6)
+    prior = np.array([0.1, 0.4, 0.25, 0.15, 0.1])
+    np.testing.assert_allclose(reweight(probabilities, prior, prior), probabilities, atol=1e-12)
+    shifted = reweight(probabilities, np.full(5, 0.2), prior)
+    expected = probabilities * prior / (probabilities * prior).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(shifted, expected, atol=1e-12)
+    with pytest.raises(ValueError, match="zero entry"):
+        reweight(probabilities, np.array([0.5, 0.5, 0, 0, 0]), prior)
+
+
+def test_parse_prior_normalises_and_explains_errors():
+    np.testing.assert_allclose(parse_prior("0.1,0.4,0.25,0.15,0.1"), [0.1, 0.4, 0.25, 0.15, 0.1])
+    np.testing.assert_allclose(parse_prior(" 63, 199,139 ,84,46"), CLINIC_COUNTS / CLINIC_COUNTS.sum())
+    with pytest.raises(ValueError, match="5 comma-separated numbers"):
+        parse_prior("0.5,0.5")
+    with pytest.raises(ValueError, match="not a number"):
+        parse_prior("0.1,0.4,x,0.15,0.1")
+    with pytest.raises(ValueError, match="non-negative"):
+        parse_prior("0.1,0.4,-0.25,0.15,0.1")
+    with pytest.raises(ValueError, match="all zero"):
+        parse_prior("0,0,0,0,0")
+
+
+def test_resample_to_counts_draws_with_replacement_only_where_a_grade_runs_short():
+    grades = np.array([0] * 10 + [1] * 2 + [2] * 5 + [3] * 5 + [4] * 5)
+    indices = resample_to_counts(grades, np.array([4, 6, 0, 1, 1]), seed=3)
+    assert np.bincount(grades[indices], minlength=5).tolist() == [4, 6, 0, 1, 1]
+    kl0 = indices[grades[indices] == 0]
+    assert len(set(kl0.tolist())) == 4  # enough KL0 knees: no repeats
+    assert (resample_to_counts(grades, np.array([4, 6, 0, 1, 1]), seed=3) == indices).all()
+    with pytest.raises(ValueError, match="has none"):
+        resample_to_counts(np.array([0, 1]), np.array([0, 0, 1, 0, 0]))
