@@ -57,18 +57,18 @@ def adjust_for_prior(
     config: GradeConfig,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Regrade with a known prior (``config.prior``) or one estimated by EM (``adapt_prior``)."""
+    facts: dict[str, Any] = {"train_prior": np.round(train_prior, 4).tolist()}
+    if not (config.prior or config.adapt_prior) or not len(probabilities):
+        return probabilities, facts
     from kneepipe.grade.prior import estimate_prior_em, parse_prior, reweight
 
-    facts: dict[str, Any] = {"train_prior": np.round(train_prior, 4).tolist()}
     if config.prior:
         prior = parse_prior(config.prior)
         facts["given_prior"] = np.round(prior, 4).tolist()
         return reweight(probabilities, train_prior, prior), facts
-    if config.adapt_prior and len(probabilities):
-        prior, adjusted = estimate_prior_em(probabilities, train_prior)
-        facts["estimated_prior"] = np.round(prior, 4).tolist()
-        return adjusted, facts
-    return probabilities, facts
+    prior, adjusted = estimate_prior_em(probabilities, train_prior)
+    facts["estimated_prior"] = np.round(prior, 4).tolist()
+    return adjusted, facts
 
 
 def grade_folder(
