@@ -15,6 +15,7 @@ import typer
 from kneepipe import __version__
 from kneepipe.detect import commands as detect_commands
 from kneepipe.grade import commands as grade_commands
+from kneepipe.pipeline import commands as pipeline_commands
 
 app = typer.Typer(
     name="kneepipe",
@@ -44,5 +45,6 @@ def main(
 
 app.command("detect")(detect_commands.detect)
 app.command("grade")(grade_commands.grade)
+app.command("run")(pipeline_commands.run)
 train_app.command("detector")(detect_commands.train_detector)
 train_app.command("grader")(grade_commands.train_grader)

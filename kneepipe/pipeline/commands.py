@@ -1,0 +1,193 @@
+"""``kneepipe run``: parse, resolve the three configs, call :func:`kneepipe.pipeline.run.run_pipeline`, print.
+
+Only typer and pathlib load at import time; the models and their frameworks load when the
+command runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kneepipe.cli_common import (
+    EXIT_CONFIG,
+    EXIT_OK,
+    EXIT_SOME_REFUSED,
+    ConfigOption,
+    OverridesArgument,
+    console,
+    fail,
+    resolve_config,
+)
+
+STAGE_PREFIXES = ("detect.", "grade.")
+
+
+def split_overrides(overrides: list[str] | None) -> dict[str, list[str]]:
+    """Route ``key=value`` overrides to their stage: ``detect.conf=0.3`` -> detect, ``batch=8`` -> pipeline.
+
+    >>> split_overrides(["batch=8", "detect.conf=0.3"])
+    {'pipeline': ['batch=8'], 'detect': ['conf=0.3'], 'grade': []}
+    """
+    routed: dict[str, list[str]] = {"pipeline": [], "detect": [], "grade": []}
+    for item in overrides or []:
+        for prefix in STAGE_PREFIXES:
+            if item.startswith(prefix):
+                routed[prefix[:-1]].append(item[len(prefix) :])
+                break
+        else:
+            routed["pipeline"].append(item)
+    return routed
+
+
+def run(
+    inputs: Annotated[Path, typer.Argument(help="A radiograph, or a folder of radiographs (searched recursively).")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Run folder: results.csv, crops, args.yaml (resumed if interrupted).")
+    ],
+    report: Annotated[
+        bool | None, typer.Option("--report/--no-report", help="Write report.html (self-contained, offline).")
+    ] = None,
+    labels: Annotated[
+        Path | None,
+        typer.Option(help="CSV image,side,kl_grade[,x1,y1,x2,y2]: evaluate end to end, write metrics.json."),
+    ] = None,
+    detector_model: Annotated[
+        str | None, typer.Option("--detector", help="Detector weights (.pt); default: the shipped model.")
+    ] = None,
+    grader_model: Annotated[
+        str | None, typer.Option("--grader", help="Grader file (.npz); default: the shipped model.")
+    ] = None,
+    adapt_prior: Annotated[
+        bool | None, typer.Option("--adapt-prior/--no-adapt-prior", help="Re-estimate the batch's grade prior by EM.")
+    ] = None,
+    prior: Annotated[str | None, typer.Option(help="A known grade prior p0,p1,p2,p3,p4 to regrade with.")] = None,
+    overwrite: Annotated[
+        bool | None, typer.Option("--overwrite", help="Start afresh: remove an earlier run's outputs from --out.")
+    ] = None,
+    config: ConfigOption = None,
+    detect_config: Annotated[
+        Path | None, typer.Option("--detect-config", help="YAML overriding configs/detect.yaml.")
+    ] = None,
+    grade_config: Annotated[
+        Path | None, typer.Option("--grade-config", help="YAML overriding configs/grade.yaml.")
+    ] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide the progress bar.")] = False,
+    overrides: OverridesArgument = None,
+) -> None:
+    """Find, crop and grade every knee of every radiograph; evaluate with --labels; report with --report.
+
+    Overrides: pipeline keys as key=value, the stages' keys prefixed (detect.conf=0.3,
+    grade.batch=16). Exit code 0 when every file was graded, 3 when some were refused
+    (no knee, a lateral view, unreadable), 1 when the run could not start, 2 for a bad config.
+    """
+    from kneepipe.detect.config import DetectConfig
+    from kneepipe.grade.config import GradeConfig
+    from kneepipe.pipeline.config import PipelineConfig
+
+    routed = split_overrides(overrides)
+    pipeline_cfg = resolve_config(
+        PipelineConfig, config, routed["pipeline"], {"report": report, "overwrite": overwrite}
+    )
+    detect_cfg = resolve_config(DetectConfig, detect_config, routed["detect"], {"model": detector_model})
+    grade_cfg = resolve_config(
+        GradeConfig,
+        grade_config,
+        routed["grade"],
+        {"model": grader_model, "adapt_prior": adapt_prior, "prior": prior},
+    )
+    if not inputs.exists():
+        fail(f"{inputs}: no such file or folder")
+    if labels is not None and not labels.is_file():
+        fail(f"{labels}: labels file not found")
+
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from kneepipe.pipeline.run import load_models, run_pipeline
+    from kneepipe.pipeline.state import OutputConflictError
+
+    try:
+        detector, grader = load_models(detect_cfg, grade_cfg)
+    except (OSError, ValueError, RuntimeError) as err:
+        fail(f"cannot load the models: {err}")
+
+    speed = {"start": None, "first": 0}
+
+    def on_progress(done: int, total: int) -> None:
+        now = time.perf_counter()
+        if speed["start"] is None:
+            speed["start"], speed["first"] = now, done
+        elapsed = now - speed["start"]
+        rate = (done - speed["first"]) / elapsed if elapsed > 0 else 0.0
+        bar.update(task, completed=done, total=total, rate=f"{rate:.2f} images/s")
+
+    with Progress(
+        "grading radiographs",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=no_progress,
+    ) as bar:
+        task = bar.add_task("run", total=None, rate="")
+        try:
+            result = run_pipeline(
+                inputs,
+                out,
+                pipeline_cfg,
+                detect_cfg,
+                grade_cfg,
+                labels=labels,
+                progress=on_progress,
+                detector=detector,
+                grader=grader,
+            )
+        except OutputConflictError as err:
+            fail(str(err), EXIT_CONFIG)
+        except (FileNotFoundError, ValueError) as err:
+            fail(str(err))
+    print_summary(result)
+    raise typer.Exit(EXIT_SOME_REFUSED if result.refused else EXIT_OK)
+
+
+def print_summary(result) -> None:
+    """The end-of-run summary: what was read, graded and refused, the grades, and the metrics."""
+    from kneepipe import KL_GRADES
+    from kneepipe.metrics import format_metrics
+
+    s = result.summary
+    resumed = f" ({result.resumed} from the interrupted run)" if result.resumed else ""
+    rate = f"; {s['images_per_s']} radiographs/s, {s['knees_per_s']} knees/s" if s.get("images_per_s") else ""
+    console.print(
+        f"[bold]{s['images']} radiographs{resumed}: {s['images_read']} read, {s['knees_graded']} knees graded, "
+        f"{len(s['refused_files'])} refused[/]{rate}"
+    )
+    counts = "  ".join(f"KL{g} {c}" for g, c in zip(KL_GRADES, s["grade_counts"], strict=True))
+    console.print(f"grades: {counts}")
+    for group, tally in (s.get("groups") or {}).items():
+        group_counts = "  ".join(f"KL{g} {c}" for g, c in zip(KL_GRADES, tally["grade_counts"], strict=True))
+        console.print(f"  {group}: {tally['images']} radiographs, {tally['knees_graded']} knees: {group_counts}")
+    if s["refused"]:
+        console.print("refused: " + ", ".join(f"{status} {n}" for status, n in s["refused"].items()))
+        for row in s["refused_files"]:
+            console.print(f"  [yellow]{row['status']}[/] {row['image']}: {row['message']}")
+    priors = s.get("priors", {})
+    if "estimated_prior" in priors or "given_prior" in priors:
+        adapted = priors.get("estimated_prior") or priors["given_prior"]
+        console.print(f"grade prior: training {priors['train_prior']} -> {adapted}")
+    if result.metrics:
+        m = result.metrics
+        console.print(
+            f"[bold]end to end against the labels: {m['labelled_knees']} knees, {m['matched']} matched, "
+            f"{m['missed']} missed, {m['misassigned']} on the wrong side[/]"
+        )
+        console.print(format_metrics(m))
+        console.print(f"graded knees only: accuracy {m['graded_only']['accuracy']}, QWK {m['graded_only']['qwk']}")
+    written = ["results.csv", "summary.json"] + (["metrics.json"] if result.metrics else [])
+    written += ["report.html"] if result.report else []
+    console.print(f"-> {result.out_dir}/: {', '.join(written)}")

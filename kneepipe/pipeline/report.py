@@ -1,0 +1,446 @@
+"""``report.html``: one self-contained page a clinician can read, from a USB stick, offline.
+
+Every image (radiograph thumbnails with the joint boxes drawn, knee crops, Grad-CAM heat
+maps, plots) is embedded as base64; the page has no script and loads no font, style or
+image from anywhere. Plots are drawn with Matplotlib's Agg canvas and its bundled DejaVu
+fonts; text on images uses OpenCV's built-in Hershey fonts.
+
+Sections: the batch at a glance (counts, grade distribution, per file-name group, and with
+labels the metrics and confusion matrix), the refused files with their reasons, each
+radiograph with its knees (crop, Grad-CAM, grade and probabilities), and the models and
+configuration that produced the page.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import yaml
+
+from kneepipe import KL_GRADES, __version__
+from kneepipe.joints import STATUS_OK
+
+SIDE_COLOURS = {"R": (255, 140, 0), "L": (0, 200, 255)}  # BGR: blue-ish right, amber left
+STATUS_TEXT = {
+    "no_knee": "no knee found",
+    "not_gradable_view": "view not gradable for KL",
+    "error": "could not be processed",
+}
+
+CSS = """
+body{font-family:"DejaVu Sans",Verdana,Arial,sans-serif;margin:24px auto;max-width:1200px;color:#1d2733;
+background:#fafbfc;font-size:14px;line-height:1.45}
+h1{font-size:24px;margin:0 0 4px} h2{font-size:19px;border-bottom:2px solid #d0d7de;padding-bottom:4px;margin-top:32px}
+h3{font-size:15px;margin:18px 0 6px} .muted{color:#5b6672} .small{font-size:12px}
+table{border-collapse:collapse;margin:8px 0 12px} th,td{border:1px solid #d0d7de;padding:4px 8px;text-align:right}
+th{background:#eef1f4} td.l,th.l{text-align:left}
+.cards{display:flex;flex-wrap:wrap;gap:12px}
+.stat{background:#fff;border:1px solid #d0d7de;border-radius:6px;padding:8px 14px;min-width:110px}
+.stat b{display:block;font-size:22px}
+.plots{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}
+.radiograph{background:#fff;border:1px solid #d0d7de;border-radius:6px;padding:12px;margin:14px 0;break-inside:avoid}
+.radiograph h3{margin-top:0}
+.film{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
+.film figure{margin:0} .film figure>img{max-width:520px;max-height:460px;border:1px solid #ccc;display:block}
+.knee{display:flex;gap:10px;align-items:flex-start;padding:6px 0;border-bottom:1px solid #e4e8ec}
+.knee figure{margin:0;text-align:center;font-size:11px;color:#5b6672}
+.knee img{width:150px;height:150px;border:1px solid #ccc;display:block}
+.grade{font-size:20px;font-weight:bold}
+.bar{display:flex;align-items:center;gap:6px;font-size:12px;margin:1px 0}
+.bar span.t{width:34px} .bar span.v{width:44px;text-align:right}
+.bar div{height:10px;background:#3a78c2;border-radius:2px}
+.bar.top div{background:#c2553a}
+.warn{color:#9a4b00} .refused{color:#8a1f11}
+pre{background:#f1f3f5;padding:10px;border-radius:4px;overflow-x:auto;font-size:12px}
+img.plot{max-width:100%;border:1px solid #e4e8ec;background:#fff}
+"""
+
+
+def data_uri(pixels: np.ndarray, fmt: str = ".jpg", quality: int = 88) -> str:
+    """An image as a ``data:`` URI (JPEG for photos of film, PNG for plots)."""
+    params = [cv2.IMWRITE_JPEG_QUALITY, quality] if fmt == ".jpg" else []
+    ok, encoded = cv2.imencode(fmt, pixels, params)
+    if not ok:
+        raise ValueError("cannot encode an image for the report")
+    mime = "image/jpeg" if fmt == ".jpg" else "image/png"
+    return f"data:{mime};base64,{base64.b64encode(encoded.tobytes()).decode('ascii')}"
+
+
+def _figure_uri(figure) -> str:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(figure)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return f"data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
+
+
+def grade_distribution_plot(predicted: Sequence[int], true: Sequence[int] | None = None) -> str:
+    """Bars of the predicted (and true) knees per KL grade, side by side."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5.6, 3.0))
+    axes = figure.add_subplot()
+    x = np.arange(len(KL_GRADES))
+    width = 0.4 if true is not None else 0.6
+    offset = width / 2 if true is not None else 0.0
+    bars = axes.bar(x - offset, predicted, width, label="predicted", color="#3a78c2")
+    axes.bar_label(bars, fontsize=8)
+    if true is not None:
+        bars = axes.bar(x + offset, true, width, label="true", color="#9aa5b1")
+        axes.bar_label(bars, fontsize=8)
+        axes.legend(frameon=False, fontsize=9)
+    axes.set_xticks(x, [f"KL{g}" for g in KL_GRADES])
+    axes.set_ylabel("knees")
+    axes.set_title("Grade distribution", fontsize=11)
+    axes.spines[["top", "right"]].set_visible(False)
+    axes.margins(y=0.15)
+    return _figure_uri(figure)
+
+
+def group_distribution_plot(groups: dict[str, dict[str, Any]]) -> str:
+    """Share of knees per predicted KL grade in each file-name group."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5.6, 3.0))
+    axes = figure.add_subplot()
+    x = np.arange(len(KL_GRADES))
+    width = 0.8 / max(1, len(groups))
+    colours = ["#3a78c2", "#c2553a", "#4a9a5b", "#8a63b8", "#b89a3a"]
+    for i, (group, tally) in enumerate(groups.items()):
+        counts = np.asarray(tally["grade_counts"], dtype=float)
+        share = counts / counts.sum() if counts.sum() else counts
+        axes.bar(
+            x - 0.4 + width * (i + 0.5),
+            share,
+            width,
+            label=f"{group} ({int(counts.sum())} knees)",
+            color=colours[i % len(colours)],
+        )
+    axes.set_xticks(x, [f"KL{g}" for g in KL_GRADES])
+    axes.set_ylabel("share of knees")
+    axes.set_title("Predicted grade distribution per group", fontsize=11)
+    axes.legend(frameon=False, fontsize=8)
+    axes.spines[["top", "right"]].set_visible(False)
+    return _figure_uri(figure)
+
+
+def confusion_plot(metrics: dict[str, Any]) -> str:
+    """Confusion matrix (true rows, predicted columns) with the detection failures as a last column."""
+    from matplotlib.figure import Figure
+
+    matrix = np.asarray(metrics["confusion_matrix"], dtype=int)
+    failures = np.asarray(metrics["failures_by_true_grade"], dtype=int)[:, None]
+    full = np.hstack([matrix, failures])
+    figure = Figure(figsize=(5.2, 4.0))
+    axes = figure.add_subplot()
+    shown = full / np.maximum(full.sum(axis=1, keepdims=True), 1)
+    axes.imshow(shown, cmap="Blues", vmin=0, vmax=1)
+    for (i, j), value in np.ndenumerate(full):
+        colour = "white" if shown[i, j] > 0.5 else "black"
+        axes.text(j, i, str(value), ha="center", va="center", fontsize=9, color=colour)
+    axes.set_xticks(range(full.shape[1]), [f"KL{g}" for g in KL_GRADES] + ["missed /\nwrong side"], fontsize=8)
+    axes.set_yticks(range(full.shape[0]), [f"KL{g}" for g in KL_GRADES], fontsize=8)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    axes.set_title("Confusion matrix (row-normalised colour)", fontsize=11)
+    return _figure_uri(figure)
+
+
+def gradcam_overlay(crop: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """A heat map blended over its gray crop (red where the grader looked hardest)."""
+    heat8 = np.clip(heat * 255, 0, 255).astype(np.uint8)
+    coloured = cv2.applyColorMap(heat8, cv2.COLORMAP_JET)
+    base = cv2.cvtColor(crop, cv2.COLOR_GRAY2BGR)
+    return cv2.addWeighted(base, 0.55, coloured, 0.45, 0)
+
+
+def annotated_thumbnail(thumbnail: np.ndarray, scale: float, knees: Sequence[dict[str, Any]]) -> np.ndarray:
+    """The radiograph thumbnail with each joint's box, side and grade drawn on it."""
+    image = cv2.cvtColor(thumbnail, cv2.COLOR_GRAY2BGR)
+    thickness = max(2, round(max(image.shape[:2]) / 300))
+    font_scale = max(0.5, max(image.shape[:2]) / 900)
+    for knee in knees:
+        x1, y1, x2, y2 = (round(v * scale) for v in knee["box"])
+        colour = SIDE_COLOURS.get(knee["side"], (0, 255, 0))
+        cv2.rectangle(image, (x1, y1), (x2, y2), colour, thickness)
+        grade = f"KL{knee['kl_grade']}" if knee["status"] == STATUS_OK else "error"
+        label = f"{knee['side']} {grade}"
+        (width, height), baseline = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)
+        top = y1 - height - baseline - 4 if y1 - height - baseline - 4 > 0 else y1 + 2
+        left = min(max(0, x1), max(0, image.shape[1] - width - 6))
+        cv2.rectangle(image, (left, top), (left + width + 6, top + height + baseline + 4), colour, -1)
+        cv2.putText(
+            image,
+            label,
+            (left + 3, top + height + 2),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            font_scale,
+            (0, 0, 0),
+            thickness,
+            cv2.LINE_AA,
+        )
+    return image
+
+
+def _plot_img(alt: str, uri: str) -> str:
+    return f'<img class="plot" alt="{alt}" src="{uri}">'
+
+
+def _probability_bars(probabilities: Sequence[float]) -> str:
+    top = int(np.argmax(probabilities))
+    rows = []
+    for grade, p in zip(KL_GRADES, probabilities, strict=True):
+        rows.append(
+            f'<div class="bar{" top" if grade == top else ""}"><span class="t">KL{grade}</span>'
+            f'<div style="width:{max(1, round(140 * p))}px"></div><span class="v">{100 * p:.1f}%</span></div>'
+        )
+    return "".join(rows)
+
+
+def _read_gray(path: Path) -> np.ndarray | None:
+    return cv2.imread(str(path), cv2.IMREAD_GRAYSCALE) if path.is_file() else None
+
+
+def _thumbnail(record: dict[str, Any], out_dir: Path, size: int) -> tuple[np.ndarray | None, float]:
+    """The saved thumbnail, or (for runs without one) a fresh decode of the file."""
+    if record.get("thumbnail"):
+        pixels = _read_gray(out_dir / record["thumbnail"])
+        if pixels is not None:
+            return pixels, record["thumbnail_scale"]
+    if record.get("original_size") is None:
+        return None, 1.0
+    from kneepipe.imaging import ImageReadError, read_radiograph
+
+    try:
+        radiograph = read_radiograph(record["path"], max_side=max(size, 32))
+    except ImageReadError:
+        return None, 1.0
+    return radiograph.pixels, radiograph.pixels.shape[1] / record["original_size"][0]
+
+
+def _metric_table(metrics: dict[str, Any]) -> str:
+    def fmt(value: Any) -> str:
+        return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    graded = metrics["graded_only"]
+    head = (
+        "<table><tr><th class=l>metric</th><th>end to end<br><span class=small>(failures count as wrong)</span></th>"
+        "<th>detected knees only</th></tr>"
+    )
+    rows = [
+        ("labelled knees", metrics["labelled_knees"], graded["n"]),
+        ("accuracy", metrics["accuracy"], graded["accuracy"]),
+        ("quadratic weighted kappa", metrics["qwk"], graded["qwk"]),
+        ("mean absolute error (grades)", metrics["mae"], graded["mae"]),
+        ("expected calibration error", metrics["ece"], graded["ece"]),
+    ]
+    body = "".join(f"<tr><td class=l>{name}</td><td>{fmt(a)}</td><td>{fmt(b)}</td></tr>" for name, a, b in rows)
+    counts = (
+        f"<p>matched {metrics['matched']}, missed {metrics['missed']}, on the wrong side {metrics['misassigned']}; "
+        f"labels without an input file {metrics['labels_without_image']}; detected joints without a label "
+        f"{metrics['detections_without_label']}.</p>"
+    )
+    per_grade = "<table><tr><th class=l>grade</th><th>true</th><th>predicted</th><th>recall</th><th>precision</th>"
+    per_grade += "<th>missed / wrong side</th></tr>"
+    for g in KL_GRADES:
+        per_grade += (
+            f"<tr><td class=l>KL{g}</td><td>{metrics['true_counts'][g]}</td><td>{metrics['predicted_counts'][g]}</td>"
+            f"<td>{fmt(metrics['recall'][g])}</td><td>{fmt(metrics['precision'][g])}</td>"
+            f"<td>{metrics['failures_by_true_grade'][g]}</td></tr>"
+        )
+    per_grade += "</table>"
+    policy = f'<p class="muted small">{html.escape(metrics["failure_policy"])}.</p>'
+    return head + body + "</table>" + counts + per_grade + policy
+
+
+def _group_table(groups: dict[str, dict[str, Any]], pattern: str) -> str:
+    head = "".join(f"<th>KL{g}</th>" for g in KL_GRADES)
+    rows = []
+    for group, tally in groups.items():
+        counts = tally["grade_counts"]
+        total = max(1, sum(counts))
+        cells = "".join(f"<td>{c} <span class=muted>({100 * c / total:.0f}%)</span></td>" for c in counts)
+        refused = ", ".join(f"{k} {v}" for k, v in tally["refused"].items()) or "–"
+        rows.append(
+            f"<tr><td class=l>{html.escape(group)}</td><td>{tally['images']}</td><td>{tally['knees_graded']}</td>"
+            f"{cells}<td class=l>{html.escape(refused)}</td></tr>"
+        )
+    return (
+        f'<p class="muted small">Groups from the file names (pattern <code>{html.escape(pattern)}</code>); a group '
+        "label comes from the image source, not from a per-knee KL grade.</p>"
+        f"<table><tr><th class=l>group</th><th>images</th><th>knees</th>{head}<th class=l>refused</th></tr>"
+        + "".join(rows)
+        + "</table>"
+    )
+
+
+def write_report(run, pipeline_cfg, grader, configs: dict[str, Any]) -> Path:
+    """Write ``report.html`` for a finished :class:`~kneepipe.pipeline.run.PipelineRun`.
+
+    Args:
+        run: the finished run (rows, images, summary, metrics).
+        pipeline_cfg: the pipeline config (report options).
+        grader: the loaded grader (for the Grad-CAM heat maps and its version).
+        configs: the resolved ``pipeline``/``detect``/``grade`` configs, shown at the end.
+
+    >>> write_report(run, pipeline_cfg, grader, configs)  # doctest: +SKIP
+    PosixPath('out/report.html')
+    """
+    out_dir = run.out_dir
+    summary, metrics = run.summary, run.metrics
+    truth_by_knee = {(o["image"], o["side"]): o for o in run.evaluation}
+    parts: list[str] = []
+    created = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    refused = summary["refused"]
+    parts.append(
+        "<h1>Knee osteoarthritis: Kellgren-Lawrence grades</h1>"
+        f'<p class="muted">{html.escape(str(summary.get("input", "")))} · created {created} · kneepipe {__version__}. '
+        "Automatic grades from radiographs, for research and as a second reader; they are not a diagnosis.</p>"
+    )
+    stats = [
+        ("radiographs", summary["images"]),
+        ("read", summary["images_read"]),
+        ("knees graded", summary["knees_graded"]),
+        ("refused", sum(refused.values())),
+    ]
+    if metrics:
+        stats.append(("accuracy (end to end)", f"{100 * (metrics['accuracy'] or 0):.1f}%"))
+        stats.append(("QWK", metrics["qwk"]))
+    parts.append(
+        '<div class="cards">'
+        + "".join(f'<div class="stat"><b>{html.escape(str(v))}</b>{html.escape(k)}</div>' for k, v in stats)
+        + "</div>"
+    )
+
+    # The batch.
+    parts.append("<h2>The batch</h2>")
+    true_counts = metrics["true_counts"] if metrics else None
+    groups = summary.get("groups") or {}
+    plots = [_plot_img("grade distribution", grade_distribution_plot(summary["grade_counts"], true_counts))]
+    if metrics:
+        plots.append(_plot_img("confusion matrix", confusion_plot(metrics)))
+    if groups:
+        plots.append(_plot_img("grade distribution per group", group_distribution_plot(groups)))
+    parts.append(f'<div class="plots">{"".join(plots)}</div>')
+    if metrics:
+        parts.append("<h3>Agreement with the labels</h3>" + _metric_table(metrics))
+    if groups:
+        parts.append("<h3>Predicted grades per group</h3>" + _group_table(groups, summary.get("group_pattern", "")))
+
+    # Refused files.
+    parts.append(f"<h2>Refused files ({len(summary['refused_files'])})</h2>")
+    if summary["refused_files"]:
+        rows = "".join(
+            f"<tr><td class=l>{html.escape(r['image'])}</td>"
+            f"<td class=l>{html.escape(STATUS_TEXT.get(r['status'], r['status']))}</td>"
+            f"<td class=l>{html.escape(r['message'] or '')}</td></tr>"
+            for r in summary["refused_files"]
+        )
+        header = "<tr><th class=l>file</th><th class=l>outcome</th><th class=l>reason</th></tr>"
+        parts.append(f"<table>{header}{rows}</table>")
+    else:
+        parts.append("<p>Every file was graded.</p>")
+
+    # Each radiograph.
+    shown = [record for record in run.images.values() if record["knees"]]
+    limit = pipeline_cfg.report_max_radiographs
+    parts.append(
+        f"<h2>Radiographs ({min(len(shown), limit)} of {len(shown)} with knees)</h2>"
+        "<p class=\"muted small\">Boxes: right knee blue, left knee amber; the patient's right knee is on the image's "
+        "left on an AP view. Heat map: Grad-CAM of the grade given (red = what drove it most).</p>"
+    )
+    gradcams_left = pipeline_cfg.report_max_gradcam if pipeline_cfg.report_gradcam else 0
+    for record in shown[:limit]:
+        thumbnail, scale = _thumbnail(record, out_dir, pipeline_cfg.thumbnail_size or 640)
+        name = html.escape(record["image"])
+        width, height = record["original_size"] or ("?", "?")
+        section = [f'<div class="radiograph"><h3>{name}</h3><div class="film">']
+        if thumbnail is not None:
+            drawn = data_uri(annotated_thumbnail(thumbnail, scale, record["knees"]))
+            section.append(
+                f'<figure><img alt="{name}" src="{drawn}">'
+                f'<figcaption class="muted small">{width}x{height} px</figcaption></figure>'
+            )
+        section.append("<div>")
+        for knee in record["knees"]:
+            section.append(_knee_html(record, knee, out_dir, grader, gradcams_left > 0, truth_by_knee))
+            if gradcams_left > 0 and knee["status"] == STATUS_OK and knee.get("crop"):
+                gradcams_left -= 1
+        section.append("</div></div></div>")
+        parts.append("".join(section))
+    if len(shown) > limit:
+        parts.append(f"<p class=muted>{len(shown) - limit} more radiographs are in results.csv only.</p>")
+
+    # Models and configuration.
+    parts.append("<h2>Models and configuration</h2>")
+    preprocessing = grader.preprocessing
+    train_prior = str([round(float(p), 3) for p in preprocessing.train_prior])
+    adaptation = _prior_text(summary.get("priors", {}))
+    parts.append(
+        "<table>"
+        f"<tr><td class=l>detector</td><td class=l>{html.escape(summary['detector'])}</td></tr>"
+        f"<tr><td class=l>grader</td><td class=l>{html.escape(grader.version)} (input {preprocessing.input_size} px, "
+        f"{html.escape(preprocessing.head)} head, temperature {preprocessing.temperature:.3f})</td></tr>"
+        f"<tr><td class=l>training grade prior</td><td class=l>{html.escape(train_prior)}</td></tr>"
+        f"<tr><td class=l>prior adaptation</td><td class=l>{html.escape(adaptation)}</td></tr>"
+        "</table>"
+    )
+    parts.append(f"<pre>{html.escape(yaml.safe_dump(configs, sort_keys=False))}</pre>")
+
+    page = (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>kneepipe report</title><style>{CSS}</style></head><body>" + "\n".join(parts) + "</body></html>"
+    )
+    path = out_dir / "report.html"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def _prior_text(priors: dict[str, Any]) -> str:
+    if "given_prior" in priors:
+        return f"regraded with the given prior {priors['given_prior']}"
+    if "estimated_prior" in priors:
+        return f"regraded with the batch prior estimated by EM {priors['estimated_prior']}"
+    return "none (the grader's training prior)"
+
+
+def _knee_html(record, knee, out_dir: Path, grader, with_gradcam: bool, truth_by_knee) -> str:
+    crop = _read_gray(out_dir / knee["crop"]) if knee.get("crop") else None
+    images = []
+    if crop is not None:
+        images.append(f'<figure><img alt="crop" src="{data_uri(crop)}"><figcaption>crop</figcaption></figure>')
+        if with_gradcam and knee["status"] == STATUS_OK:
+            try:
+                heat = grader.gradcam(crop, grade=knee["kl_grade"])
+            except Exception as err:  # a heat map is an aid; its failure must not cost the report
+                images.append(f'<div class="muted small">no heat map ({html.escape(type(err).__name__)})</div>')
+            else:
+                overlay = data_uri(gradcam_overlay(crop, heat))
+                images.append(f'<figure><img alt="Grad-CAM" src="{overlay}"><figcaption>Grad-CAM</figcaption></figure>')
+    else:
+        images.append('<div class="muted small" style="width:150px">crop not saved</div>')
+    side = "right" if knee["side"] == "R" else "left"
+    lines = [f"<div>{side} knee · detector confidence {knee['det_confidence']:.2f}</div>"]
+    if knee["status"] == STATUS_OK:
+        lines.insert(0, f'<div class="grade">KL {knee["kl_grade"]}</div>')
+        lines.append(_probability_bars(knee["probabilities"]))
+    else:
+        lines.insert(0, '<div class="grade refused">not graded</div>')
+    truth = truth_by_knee.get((record["image"], knee["side"]))
+    if truth is not None:
+        lines.append(f"<div>labelled KL {truth['true_grade']} ({truth['outcome']})</div>")
+    if knee.get("message"):
+        lines.append(f'<div class="warn small">{html.escape(knee["message"])}</div>')
+    return f'<div class="knee">{"".join(images)}<div>{"".join(lines)}</div></div>'

@@ -1,0 +1,203 @@
+"""What makes a pipeline run resumable and keeps two runs from mixing their outputs.
+
+A run folder holds ``args.yaml`` with the run's *fingerprint*: a hash of the input files
+(path, size, modification time), the two model versions and every config key that
+changes a result. Starting ``kneepipe run`` on a folder that holds
+
+* nothing: a new run;
+* the same fingerprint: the interrupted run is resumed from its journal;
+* another fingerprint, or outputs without one: refused with a message saying what
+  differs.
+
+With ``overwrite`` set, the run's outputs in the folder are removed first and the run
+starts afresh (other files in the folder are left alone).
+
+The journal (``journal.jsonl``) gets one JSON line per processed radiograph, appended
+whole and flushed to disk after every pipeline step, so a kill loses at most the step
+in flight. A line cut short by a kill is ignored when the journal is read back, and
+``results.csv`` is only ever written in one piece from the journal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+JOURNAL = "journal.jsonl"
+ARGS = "args.yaml"
+# Everything a run writes into its folder; only these are removed by an overwrite.
+RUN_OUTPUTS = (
+    ARGS,
+    JOURNAL,
+    "results.csv",
+    "evaluation.csv",
+    "metrics.json",
+    "summary.json",
+    "report.html",
+    "crops",
+    "thumbnails",
+)
+
+# Config keys that change no result (speed, memory, what is drawn): left out of the
+# fingerprint, so a run can be resumed with other batch sizes or with a report added.
+NEUTRAL_KEYS = {
+    "pipeline": {
+        "batch",
+        "prefetch",
+        "decode_workers",
+        "overwrite",
+        "report",
+        "report_max_radiographs",
+        "report_gradcam",
+        "report_max_gradcam",
+        "group_pattern",
+        "match_iou",
+    },
+    "detect": {"batch"},
+    "grade": {"batch"},
+}
+
+
+class OutputConflictError(ValueError):
+    """The output folder holds the results of a different run (or files of another tool)."""
+
+
+def input_listing(files: Sequence[Path], root: Path) -> list[list[Any]]:
+    """``[relative path, size, mtime_ns]`` of each input: what identifies the inputs cheaply."""
+    listing = []
+    for path in files:
+        try:
+            stat = path.stat()
+            listing.append([relative_name(path, root), stat.st_size, stat.st_mtime_ns])
+        except OSError:
+            listing.append([relative_name(path, root), -1, -1])
+    return listing
+
+
+def relative_name(path: Path, root: Path) -> str:
+    """The name of an input in outputs: its path below the input folder (its name for one file)."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.name
+
+
+def fingerprint_parts(
+    listing: Sequence[Sequence[Any]],
+    detector_version: str,
+    grader_version: str,
+    configs: Mapping[str, Mapping[str, Any]],
+    labels_digest: str | None,
+) -> dict[str, str]:
+    """Short hashes of each thing that defines a run's results, named for the message on a conflict."""
+
+    def digest(value: Any) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    parts = {
+        "inputs": digest(listing),
+        "detector": detector_version,
+        "grader": grader_version,
+        "labels": labels_digest or "none",
+    }
+    for stage, values in configs.items():
+        parts[f"{stage}_config"] = digest({k: v for k, v in values.items() if k not in NEUTRAL_KEYS.get(stage, ())})
+    return parts
+
+
+def fingerprint(parts: Mapping[str, str]) -> str:
+    """One hash of all the parts."""
+    return hashlib.sha256(json.dumps(dict(parts), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def file_digest(path: Path) -> str:
+    """Content hash of a small file (the labels CSV)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def prepare_output(out_dir: Path, parts: Mapping[str, str], overwrite: bool) -> bool:
+    """Check the output folder against this run; returns True when an earlier run is resumed.
+
+    With ``overwrite``, the outputs of any earlier run are removed and False is returned.
+
+    Raises:
+        OutputConflictError: the folder holds another run's outputs and ``overwrite`` is off.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    existing = [name for name in RUN_OUTPUTS if (out_dir / name).exists()]
+    if not existing:
+        return False
+    if overwrite:
+        for name in existing:
+            target = out_dir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        return False
+    previous = _read_args(out_dir / ARGS)
+    previous_parts = previous.get("fingerprint_parts")
+    if isinstance(previous_parts, dict) and previous.get("fingerprint") == fingerprint(parts):
+        return True
+    if isinstance(previous_parts, dict):
+        changed = sorted(k for k in set(parts) | set(previous_parts) if parts.get(k) != previous_parts.get(k))
+        reason = f"a different run (differs in: {', '.join(changed)})"
+    else:
+        reason = f"outputs of something else ({', '.join(existing)}) without a kneepipe run fingerprint"
+    raise OutputConflictError(
+        f"{out_dir} holds {reason}; choose another --out, or pass --overwrite to replace those outputs"
+    )
+
+
+def _read_args(path: Path) -> dict[str, Any]:
+    try:
+        content = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return content if isinstance(content, dict) else {}
+
+
+def read_journal(path: Path) -> dict[str, dict[str, Any]]:
+    """The journal's records by image name; a line cut short by a kill is dropped.
+
+    When an image appears twice (it cannot, unless a journal was edited), the last wins.
+    """
+    records: dict[str, dict[str, Any]] = {}
+    if not path.exists():
+        return records
+    with path.open("rb") as handle:
+        for line in handle:
+            if not line.endswith(b"\n"):
+                break  # the write in flight when the run was killed
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            records[record["image"]] = record
+    return records
+
+
+def repair_journal(path: Path) -> None:
+    """Cut a trailing partial line (from a kill mid-write) so appends start on a fresh line."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end != len(data):
+        with path.open("r+b") as handle:
+            handle.truncate(end)
+
+
+def append_journal(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
+    """Append whole records in one write and push them to disk."""
+    payload = "".join(json.dumps(record, separators=(",", ":")) + "\n" for record in records)
+    if not payload:
+        return
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(payload)
+        handle.flush()
+        os.fsync(handle.fileno())

@@ -1,0 +1,98 @@
+"""Radiographs decoded ahead of the models, in threads, with a bounded number held in memory.
+
+Decoding (PNG/JPEG inflate, DICOM windowing) runs in OpenCV and NumPy, which release
+the GIL, so a decode thread overlaps with detection and grading on another core. The
+queue between them holds at most ``prefetch`` radiographs: memory stays flat however
+many files a batch has.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from kneepipe.imaging import ImageReadError, Radiograph, read_radiograph
+
+_DONE = object()
+
+
+def read_or_reason(path: Path, max_side: int) -> Radiograph | ImageReadError:
+    """Read one radiograph; a file that cannot be read becomes its :class:`ImageReadError`.
+
+    Anything else going wrong in a decoder (a corrupt stream, too little memory for one
+    file) is turned into an error for that file too, so one file never stops a batch.
+    """
+    try:
+        return read_radiograph(path, max_side=max_side)
+    except ImageReadError as err:
+        return err
+    except MemoryError:
+        return ImageReadError(path, "not enough memory to decode this image")
+    except Exception as err:  # a decoder failing on a damaged file: that file's problem only
+        return ImageReadError(path, f"cannot decode ({type(err).__name__}: {err})")
+
+
+def decoded_radiographs(
+    paths: Sequence[Path], max_side: int, prefetch: int = 32, workers: int = 1
+) -> Iterator[tuple[Path, Radiograph | ImageReadError]]:
+    """Yield ``(path, radiograph or read error)`` in input order, decoding ahead in threads.
+
+    Args:
+        paths: the files, in the order results should come.
+        max_side: radiographs with a longer side are shrunk on reading.
+        prefetch: most decoded radiographs waiting to be consumed.
+        workers: decoding threads.
+
+    >>> for path, radiograph in decoded_radiographs(paths, max_side=4096):  # doctest: +SKIP
+    ...     print(path, getattr(radiograph, "pixels", radiograph).shape)
+    """
+    ready: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    def put(item) -> None:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def produce() -> None:
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix="kneepipe-decode") as pool:
+                in_flight: deque = deque()
+                for path in paths:
+                    if stop.is_set():
+                        break
+                    in_flight.append((path, pool.submit(read_or_reason, path, max_side)))
+                    while len(in_flight) >= workers and not stop.is_set():
+                        done_path, future = in_flight.popleft()
+                        put((done_path, future.result()))
+                while in_flight and not stop.is_set():
+                    done_path, future = in_flight.popleft()
+                    put((done_path, future.result()))
+                for _, future in in_flight:
+                    future.cancel()
+        except BaseException as err:  # surfaced in the consumer, never swallowed
+            failure.append(err)
+        finally:
+            put(_DONE)
+
+    producer = threading.Thread(target=produce, name="kneepipe-prefetch", daemon=True)
+    producer.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is _DONE:
+                break
+            yield item
+        if failure:
+            raise failure[0]
+    finally:
+        stop.set()
+        producer.join(timeout=30)
