@@ -350,7 +350,8 @@ def bad_batch(folder: Path, radiographs_dir: Path, oai_dir: Path) -> dict[str, t
 def test_a_batch_of_bad_input_completes_with_a_reason_per_file(tmp_path, radiographs_dir, oai_dir):
     expected = bad_batch(tmp_path / "raw", radiographs_dir, oai_dir)
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["run", str(tmp_path / "raw"), "--out", str(out), "--no-progress"])
+    command = ["run", str(tmp_path / "raw"), "--out", str(out), "--no-progress", "--adapt-prior"]
+    result = CliRunner().invoke(app, command)
     assert result.exit_code == EXIT_SOME_REFUSED, result.output
     rows = read_results(out / "results.csv")
     by_image: dict[str, list[dict[str, str]]] = {}
@@ -381,6 +382,8 @@ def test_a_batch_of_bad_input_completes_with_a_reason_per_file(tmp_path, radiogr
         assert name in result.output  # the summary names each refused file
     summary = json.loads((out / "summary.json").read_text())
     assert summary["refused"] == {"error": 6, "no_knee": 1, "not_gradable_view": 1}
+    estimated = summary["priors"]["estimated_prior"]  # --adapt-prior re-estimated the batch's grade prior
+    assert len(estimated) == 5 and abs(sum(estimated) - 1) < 1e-3
 
 
 @pytest.mark.slow
@@ -418,13 +421,15 @@ def test_a_killed_run_resumes_without_grading_twice(tmp_path, films, models):
             handle.write('{"image": "composite_00004.jpg", "sta')  # a line cut by the kill
 
         seen = []
-        resumed = run_pipeline(images, out, *configs, progress=lambda done, total: seen.append(done), **with_models)
+        # Resumed with another step size (it changes no result, so the fingerprint still matches).
+        other_steps = (load_config(PipelineConfig, overrides={"batch": 3}), detect_cfg, grade_cfg)
+        resumed = run_pipeline(images, out, *other_steps, progress=lambda done, total: seen.append(done), **with_models)
         assert seen[0] == 4 and seen[-1] == 6
         assert (resumed.resumed, resumed.processed) == (4, 2)
         knees_after = calls["logits"] - knees_before
         assert knees_after == sum(len(r["knees"]) for r in list(resumed.images.values())[4:])
 
-        run_pipeline(images, tmp_path / "fresh", *configs, **with_models)  # the same batch, never interrupted
+        run_pipeline(images, tmp_path / "fresh", *_configs(), **with_models)  # never interrupted, one step
     finally:
         del grader.predict_logits
     lines = (out / "journal.jsonl").read_text().splitlines()

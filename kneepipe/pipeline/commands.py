@@ -23,6 +23,7 @@ from kneepipe.cli_common import (
 )
 
 STAGE_PREFIXES = ("detect.", "grade.")
+MAX_LISTED = 30  # refused files named in the summary; all of them are in results.csv
 
 
 def split_overrides(overrides: list[str] | None) -> dict[str, list[str]]:
@@ -79,9 +80,9 @@ def run(
 ) -> None:
     """Find, crop and grade every knee of every radiograph; evaluate with --labels; report with --report.
 
-    Overrides: pipeline keys as key=value, the stages' keys prefixed (detect.conf=0.3,
-    grade.batch=16). Exit code 0 when every file was graded, 3 when some were refused
-    (no knee, a lateral view, unreadable), 1 when the run could not start, 2 for a bad config.
+    Overrides: pipeline keys as key=value; the stages' keys prefixed, e.g. detect.conf=0.3 grade.batch=16.
+
+    Exit code: 0 every file graded; 3 some refused (no knee, lateral view, unreadable); 1 cannot run; 2 bad config.
     """
     from kneepipe.detect.config import DetectConfig
     from kneepipe.grade.config import GradeConfig
@@ -151,6 +152,8 @@ def run(
             fail(str(err), EXIT_CONFIG)
         except (FileNotFoundError, ValueError) as err:
             fail(str(err))
+        except KeyboardInterrupt:
+            fail(f"interrupted; the same command continues where it stopped (journal in {out})")
     print_summary(result)
     raise typer.Exit(EXIT_SOME_REFUSED if result.refused else EXIT_OK)
 
@@ -174,8 +177,10 @@ def print_summary(result) -> None:
         console.print(f"  {group}: {tally['images']} radiographs, {tally['knees_graded']} knees: {group_counts}")
     if s["refused"]:
         console.print("refused: " + ", ".join(f"{status} {n}" for status, n in s["refused"].items()))
-        for row in s["refused_files"]:
+        for row in s["refused_files"][:MAX_LISTED]:
             console.print(f"  [yellow]{row['status']}[/] {row['image']}: {row['message']}")
+        if len(s["refused_files"]) > MAX_LISTED:
+            console.print(f"  ... and {len(s['refused_files']) - MAX_LISTED} more (see results.csv)")
     priors = s.get("priors", {})
     if "estimated_prior" in priors or "given_prior" in priors:
         adapted = priors.get("estimated_prior") or priors["given_prior"]

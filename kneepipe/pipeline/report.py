@@ -49,10 +49,10 @@ th{background:#eef1f4} td.l,th.l{text-align:left}
 .radiograph{background:#fff;border:1px solid #d0d7de;border-radius:6px;padding:12px;margin:14px 0;break-inside:avoid}
 .radiograph h3{margin-top:0}
 .film{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
-.film figure{margin:0} .film figure>img{max-width:520px;max-height:460px;border:1px solid #ccc;display:block}
+.film figure{margin:0} .film figure>img{max-width:470px;max-height:460px;border:1px solid #ccc;display:block}
 .knee{display:flex;gap:10px;align-items:flex-start;padding:6px 0;border-bottom:1px solid #e4e8ec}
 .knee figure{margin:0;text-align:center;font-size:11px;color:#5b6672}
-.knee img{width:150px;height:150px;border:1px solid #ccc;display:block}
+.knee img{width:140px;height:140px;border:1px solid #ccc;display:block}
 .grade{font-size:20px;font-weight:bold}
 .bar{display:flex;align-items:center;gap:6px;font-size:12px;margin:1px 0}
 .bar span.t{width:34px} .bar span.v{width:44px;text-align:right}
