@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from kneepipe import __version__
+from kneepipe.audit import commands as audit_commands
 from kneepipe.detect import commands as detect_commands
 from kneepipe.grade import commands as grade_commands
 from kneepipe.pipeline import commands as pipeline_commands
@@ -46,5 +47,7 @@ def main(
 app.command("detect")(detect_commands.detect)
 app.command("grade")(grade_commands.grade)
 app.command("run")(pipeline_commands.run)
+app.command("audit")(audit_commands.audit)
+app.command("split")(audit_commands.split)
 train_app.command("detector")(detect_commands.train_detector)
 train_app.command("grader")(grade_commands.train_grader)
