@@ -146,13 +146,13 @@ def split(
     except ValueError as err:
         fail(str(err), EXIT_CONFIG)
     save_config(cfg, out, extra={"data": str(data)})
-    console.print(f"{'part':<6} {'patients':>8} {'knees':>6}  " + "  ".join(f"{f'KL{g}':>10}" for g in KL_GRADES))
+    console.print(f"{'part':<6} {'patients':>8} {'knees':>6} " + " ".join(f"{f'KL{g}':>9}" for g in KL_GRADES))
     for part, part_summary in summary.parts.items():
-        cells = "  ".join(
-            f"{f'{count} ({share:.0%})':>10}"
+        cells = " ".join(
+            f"{count:>5} {share:>3.0%}"
             for count, share in zip(part_summary.grade_counts, part_summary.grade_shares, strict=True)
         )
-        console.print(f"{part:<6} {part_summary.patients:>8} {part_summary.knees:>6}  {cells}")
+        console.print(f"{part:<6} {part_summary.patients:>8} {part_summary.knees:>6} {cells}")
     if summary.without_patient_id:
         console.print(
             f"[yellow]{summary.without_patient_id} crops carry no patient id in their name: "
