@@ -3,7 +3,7 @@
 Knee crops are all framed alike (the joint space centred), so two *different* knees
 look more alike to a perceptual hash of the image than one knee does to itself
 shifted by 3%: on the OAI-KL224 crops a 256-bit DCT hash put a 5% crop of a knee
-100+ bits from its source while distinct knees came within 40. What survives
+about 100 bits from its source while distinct knees came within 40. What survives
 resizing, cropping, shifting, mirroring and any contrast change is the *texture* of
 the film: the magnitude of its Fourier spectrum after the intensities are
 normalised. So the descriptor is:
