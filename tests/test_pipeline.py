@@ -64,6 +64,20 @@ def test_overrides_are_routed_to_their_stage():
     }
 
 
+def test_run_help_loads_no_framework():
+    script = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from kneepipe.cli import app\n"
+        "result = CliRunner().invoke(app, ['run', '--help'])\n"
+        "assert result.exit_code == 0 and '--labels' in result.output, result.output\n"
+        "print(sorted(m for m in ('torch', 'tensorflow', 'keras', 'ultralytics') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
 def test_pipeline_config_checks_its_keys():
     from kneepipe.config import ConfigError
 
