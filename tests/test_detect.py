@@ -16,7 +16,12 @@ from kneepipe.cli_common import EXIT_FAILED, EXIT_OK, EXIT_SOME_REFUSED
 from kneepipe.config import load_config
 from kneepipe.detect.config import DetectConfig
 from kneepipe.detect.evaluate import box_iou, read_annotations
-from kneepipe.detect.predict import DEFAULT_WEIGHTS, JOINTS_CSV_COLUMNS, JointDetector
+from kneepipe.detect.predict import (
+    DEFAULT_WEIGHTS,
+    JOINTS_CSV_COLUMNS,
+    JointDetector,
+    suppress_nested,
+)
 from kneepipe.imaging import Radiograph, read_radiograph
 
 pytestmark = pytest.mark.slow  # runs the real model
@@ -55,6 +60,19 @@ def test_finds_annotated_joints_with_their_sides(detector, annotations, radiogra
 def test_no_joint_on_a_foot(detector, radiographs_dir):
     detection = detector.detect([read_radiograph(radiographs_dir / "stage_1_5.jpg")])[0]
     assert detection.joints == () and detection.status == "no_knee"
+
+
+@pytest.mark.parametrize("name", ["arthritis_0.jpg", "arthritis_1.jpg"])
+def test_badly_exposed_films_are_not_gradable(detector, radiographs_dir, name):
+    detection = detector.detect([read_radiograph(radiographs_dir / name)])[0]
+    assert detection.joints == ()
+    assert detection.status == "not_gradable_view" and "over-exposed" in detection.message
+
+
+def test_nested_boxes_of_one_knee_become_one_joint():
+    rows = np.array([[10, 10, 110, 110, 0.6, 0], [30, 30, 100, 100, 0.7, 1], [200, 10, 300, 110, 0.5, 1]])
+    kept = suppress_nested(rows, 0.4)
+    assert kept[:, 4].tolist() == [0.7, 0.5]
 
 
 def test_boxes_are_in_source_pixels_when_the_image_was_shrunk(detector, radiographs_dir):
@@ -113,7 +131,7 @@ def test_cli_single_file_and_model_option(tmp_path, radiographs_dir):
     out = tmp_path / "one"
     result = CliRunner().invoke(
         app,
-        ["detect", str(radiographs_dir / "stage_2_0.jpg"), str(out), "--model", str(DEFAULT_WEIGHTS), "conf=0.3"],
+        ["detect", str(radiographs_dir / "stage_2_0.jpg"), str(out), "--model", str(DEFAULT_WEIGHTS), "conf=0.1"],
     )
     assert result.exit_code == EXIT_OK, result.output
     (row,) = _read_rows(out / "joints.csv")

@@ -34,9 +34,11 @@ class DetectConfig:
     bilateral_fraction: float = field(metadata=rule(range=(0.0, 1.0)))
     background_copies: int = field(metadata=rule(range=(0, 20)))
     model_yaml: str
+    init_weights: str | None
     train_epochs: int = field(metadata=rule(range=(1, 1000)))
     train_imgsz: int = field(metadata=rule(range=(64, 2048)))
     train_batch: int = field(metadata=rule(range=(1, 512)))
+    warmup_epochs: float = field(metadata=rule(range=(0.0, 100.0)))
     mosaic: float = field(metadata=rule(range=(0.0, 1.0)))
     close_mosaic: int = field(metadata=rule(range=(0, 1000)))
     patience: int = field(metadata=rule(range=(1, 1000)))

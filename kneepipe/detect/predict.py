@@ -64,6 +64,40 @@ def file_version(path: Path) -> str:
     return f"{Path(path).name}@{digest}"
 
 
+def suppress_nested(rows: np.ndarray, overlap: float) -> np.ndarray:
+    """Keep the most confident of boxes that mostly cover one another.
+
+    Two knees never overlap on a film, but the detector may box one knee at two
+    scales, which plain NMS keeps when their IoU is low. A box whose intersection with
+    a more confident kept box exceeds ``overlap`` of the smaller box's area is dropped.
+
+    >>> rows = np.array([[0, 0, 10, 10, 0.9, 0], [2, 2, 8, 8, 0.5, 1], [20, 0, 30, 10, 0.8, 1]])
+    >>> suppress_nested(rows, 0.5)[:, 4].tolist()
+    [0.9, 0.8]
+    """
+    kept: list[np.ndarray] = []
+    for row in rows[np.argsort(-rows[:, 4], kind="stable")]:
+        area = (row[2] - row[0]) * (row[3] - row[1])
+        nested = False
+        for other in kept:
+            width = min(row[2], other[2]) - max(row[0], other[0])
+            height = min(row[3], other[3]) - max(row[1], other[1])
+            smaller = min(area, (other[2] - other[0]) * (other[3] - other[1]))
+            if width > 0 and height > 0 and width * height > overlap * smaller:
+                nested = True
+                break
+        if not nested:
+            kept.append(row)
+    return np.array(kept).reshape(-1, 6)
+
+
+def _side_by_side(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two boxes sit next to each other (their centres further apart in x than y)."""
+    dx = abs((a[0] + a[2]) - (b[0] + b[2])) / 2
+    dy = abs((a[1] + a[3]) - (b[1] + b[3])) / 2
+    return dx > dy
+
+
 @dataclass
 class JointDetector:
     """The knee-joint detector: radiographs in, joints (box, side, crop) out.
@@ -112,7 +146,9 @@ class JointDetector:
     def detect(self, radiographs: Sequence[Radiograph]) -> list[Detection]:
         """Find the knee joints of each radiograph (one model call per batch).
 
-        Lateral DICOM views are refused without running the model. Boxes come back in
+        Lateral DICOM views and over-exposed films (more than
+        ``config.overexposed_fraction`` of the pixels saturated white) are refused as
+        not gradable without running the model. Boxes come back in
         the source file's pixels; crops are cut from the pixels as read.
 
         >>> detection = detector.detect([read_radiograph("knees.png")])[0]  # doctest: +SKIP
@@ -123,12 +159,20 @@ class JointDetector:
         to_run = []
         for index, radiograph in enumerate(radiographs):
             view = (radiograph.view or "").strip().upper()
+            white = float(np.mean(radiograph.pixels >= _NEAR_WHITE))
             if view in LATERAL_VIEWS:
                 detections[index] = Detection(
                     radiograph.path,
                     (),
                     STATUS_NOT_GRADABLE_VIEW,
                     f"view position {radiograph.view} is a lateral view; KL grading needs AP/PA",
+                )
+            elif white > self.config.overexposed_fraction:
+                detections[index] = Detection(
+                    radiograph.path,
+                    (),
+                    STATUS_NOT_GRADABLE_VIEW,
+                    f"over-exposed film: {white:.0%} of pixels are saturated white; not gradable",
                 )
             else:
                 to_run.append(index)
@@ -146,35 +190,33 @@ class JointDetector:
             imgsz=self.config.imgsz,
             conf=self.config.conf,
             iou=self.config.iou,
-            max_det=self.config.max_det,
+            max_det=16,
             agnostic_nms=True,  # one joint is one knee, whichever side the model favours
             device="cpu",
             verbose=False,
         )
-        return [result.boxes.data.cpu().numpy().reshape(-1, 6) for result in results]
+        return [
+            suppress_nested(result.boxes.data.cpu().numpy().reshape(-1, 6), self.config.iou)[: self.config.max_det]
+            for result in results
+        ]
 
     def to_detection(self, radiograph: Radiograph, boxes: np.ndarray) -> Detection:
         """Turn one image's raw boxes into joints: sides, square boxes, crops, source pixels.
 
-        Two boxes of the same side on one film are sided by position (the patient's
-        right knee is on the image's left); a single knee takes the file's laterality
-        tag when it has one.
+        Two knees side by side on one film are sided by position (the patient's right
+        knee is on the image's left); a single knee takes the file's laterality tag
+        when it has one, else the side the model reads from its anatomy.
         """
         pixels = radiograph.pixels
         height, width = pixels.shape
         if len(boxes) == 0:
-            message = "no knee joint found"
-            white = float(np.mean(pixels >= _NEAR_WHITE))
-            if white > self.config.overexposed_fraction:
-                message += f" (the film looks over-exposed: {white:.0%} of pixels near white)"
-            return Detection(radiograph.path, (), STATUS_NO_KNEE, message)
+            return Detection(radiograph.path, (), STATUS_NO_KNEE, "no knee joint found")
         sides = [SIDES[int(row[5])] for row in boxes]
-        centres = [(row[0] + row[2]) / 2 for row in boxes]
-        if len(boxes) == 2 and sides[0] == sides[1]:
-            # Two knees on one film: on AP/PA films the patient's right is the image's left.
-            order = np.argsort(centres)
-            sides = [None, None]
-            sides[order[0]], sides[order[1]] = "R", "L"
+        if len(boxes) == 2 and _side_by_side(boxes[0], boxes[1]):
+            # Two knees on one film: on AP/PA films the patient's right is the image's left,
+            # a convention more reliable than the anatomy the model reads from each knee.
+            left_first = (boxes[0][0] + boxes[0][2]) < (boxes[1][0] + boxes[1][2])
+            sides = ["R", "L"] if left_first else ["L", "R"]
         elif len(boxes) == 1 and radiograph.laterality in SIDES:
             sides = [radiograph.laterality]  # the file states which knee it shows
         joints = []

@@ -144,11 +144,12 @@ def ultralytics_train_args(config: DetectConfig, data_yaml: Path, out_dir: Path)
         "project": str(out_dir.resolve()),
         "name": "yolo",
         "exist_ok": True,
-        "pretrained": False,
+        "pretrained": bool(config.init_weights),
         "amp": False,
         "plots": False,  # plotting would fetch a font
         "fliplr": 0.0,  # a flip swaps anatomy, not the label
         "flipud": 0.0,
+        "warmup_epochs": config.warmup_epochs,
         "mosaic": config.mosaic,
         "close_mosaic": config.close_mosaic,
         "patience": config.patience,
@@ -195,6 +196,12 @@ def train_detector(config: DetectConfig, out_dir: Path, resume: bool = False) ->
     out_dir.mkdir(parents=True, exist_ok=True)
     data_yaml = build_dataset(config, out_dir / "dataset")
     save_config(config, out_dir, extra={"data_yaml": data_yaml})
-    model = YOLO(config.model_yaml)
+    if config.init_weights:
+        init = _project_path(config.init_weights, None)
+        if not init.is_file():
+            raise FileNotFoundError(f"{init}: init_weights not found")
+        model = YOLO(str(init))
+    else:
+        model = YOLO(config.model_yaml)
     model.train(**ultralytics_train_args(config, data_yaml, out_dir))
     return weights_dir / "best.pt"
