@@ -16,7 +16,7 @@ so the side is learned from anatomy (the fibula is lateral), not only from posit
 
 >>> from pathlib import Path
 >>> crops = Path("../shared/data/oai-kl224/val")
->>> compose_dataset(crops, Path("/tmp/composites"), count=4, seed=0)  # doctest: +SKIP
+>>> compose_dataset(crops, Path("composites"), count=4, seed=0)  # doctest: +SKIP
 """
 
 from __future__ import annotations

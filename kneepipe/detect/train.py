@@ -178,7 +178,7 @@ def train_detector(config: DetectConfig, out_dir: Path, resume: bool = False) ->
 
     >>> from kneepipe.config import load_config
     >>> cfg = load_config(DetectConfig, overrides=["train_epochs=1", "train_images=8"])
-    >>> train_detector(cfg, Path("/tmp/detector-run"))  # doctest: +SKIP
+    >>> train_detector(cfg, Path("runs/detector"))  # doctest: +SKIP
     """
     from kneepipe.runtime import prepare_frameworks
 
