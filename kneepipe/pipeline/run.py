@@ -369,26 +369,12 @@ def _write_png(path: Path, pixels: np.ndarray, suffix: str = ".png", params: Seq
 
 
 def _detect(detector, radiographs: Sequence[Radiograph]) -> list[Detection]:
-    """Detect a step's radiographs, batching only films of the same pixel size.
+    """Detect a step in the detector's batches; if a batch fails, one film at a time.
 
-    Ultralytics letterboxes a batch of mixed sizes to a padded square but a single film
-    (or a batch of one size) to its own aspect, so mixing sizes would make a knee's box
-    depend on which films happened to share its batch (and is no faster on a CPU). Films
-    of one size, as a scanner writes them, still go through in batches.
+    Only the film that fails that way gets an error; the others are detected.
     """
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for index, radiograph in enumerate(radiographs):
-        by_shape.setdefault(radiograph.pixels.shape, []).append(index)
-    detections: list[Detection | None] = [None] * len(radiographs)
-    for indices in by_shape.values():
-        group = [radiographs[i] for i in indices]
-        for index, detection in zip(indices, _detect_group(detector, group), strict=True):
-            detections[index] = detection
-    return detections  # type: ignore[return-value]
-
-
-def _detect_group(detector, radiographs: Sequence[Radiograph]) -> list[Detection]:
-    """Detect a batch; when the batch fails, one at a time, so only the failing file gets the error."""
+    if not radiographs:
+        return []
     try:
         detections = list(detector.detect(radiographs))
         if len(detections) == len(radiographs):
