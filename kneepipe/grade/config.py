@@ -27,6 +27,7 @@ class GradeConfig:
     split_csv: str | None
     head: str = field(metadata=rule(choices=["softmax", "corn"]))
     weights: str | None
+    init: str | None
     epochs: int = field(metadata=rule(range=(1, 1000)))
     sizes: tuple = field(metadata=rule(range=(71, 512)))
     size_epochs: tuple = field(metadata=rule(range=(0, 1000)))

@@ -32,7 +32,14 @@ from kneepipe.grade.data import (
     split_files,
     stratified_subset,
 )
-from kneepipe.grade.model import Preprocessing, build_grader, corn_loss, probabilities_from_logits, save_grader
+from kneepipe.grade.model import (
+    Preprocessing,
+    build_grader,
+    corn_loss,
+    load_grader,
+    probabilities_from_logits,
+    save_grader,
+)
 from kneepipe.metrics import grading_metrics
 from kneepipe.runtime import import_keras
 
@@ -181,7 +188,12 @@ def train_grader(config: GradeConfig, run_dir: str | Path, resume: bool = True) 
         log(f"resumed from {last_path} after epoch {state['epochs_done']} (best val QWK {state['best_qwk']})")
     else:
         weights_arg = None if config.weights in (None, "none") else config.weights
-        model = _compile(build_grader(config.head, config.dropout, weights_arg), config, steps)
+        model = build_grader(config.head, config.dropout, weights_arg)
+        if config.init:
+            initial, _ = load_grader(config.init)
+            model.set_weights(initial.get_weights())
+            log(f"initialised from {config.init}")
+        model = _compile(model, config, steps)
         state = {"epochs_done": 0, "best_qwk": -1.0, "best_epoch": None, "wall_seconds": 0.0}
         with open(run_dir / "metrics.csv", "w", newline="") as handle:
             csv.writer(handle).writerow(METRIC_COLUMNS)
