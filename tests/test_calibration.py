@@ -129,3 +129,19 @@ def test_resample_to_counts_draws_with_replacement_only_where_a_grade_runs_short
     assert (resample_to_counts(grades, np.array([4, 6, 0, 1, 1]), seed=3) == indices).all()
     with pytest.raises(ValueError, match="has none"):
         resample_to_counts(np.array([0, 1]), np.array([0, 0, 1, 0, 0]))
+
+
+def test_bias_corrected_scaling_restores_an_underpredicted_grade():
+    from kneepipe.grade.calibration import fit_temperature_and_bias
+    from kneepipe.grade.model import probabilities_from_logits
+
+    rng = np.random.default_rng(0)
+    grades = rng.integers(0, 5, size=2000)
+    logits = np.eye(5)[grades] * 3.0 + rng.normal(0, 1.0, size=(2000, 5))
+    logits[:, 1] -= 2.5  # a network that rarely says KL1
+    before = probabilities_from_logits(logits, "softmax").argmax(axis=1)
+    temperature, bias = fit_temperature_and_bias(logits, grades)
+    after = probabilities_from_logits(logits, "softmax", temperature, bias).argmax(axis=1)
+    assert (before == 1).sum() < 0.5 * (grades == 1).sum()
+    assert abs((after == 1).sum() - (grades == 1).sum()) < 0.2 * (grades == 1).sum()
+    assert bias[1] > 1.5 and abs(bias.sum()) < 1e-6

@@ -20,7 +20,6 @@ import numpy as np
 from kneepipe.config import save_config
 from kneepipe.grade.config import GradeConfig
 from kneepipe.grade.data import grade_from_path
-from kneepipe.grade.model import probabilities_from_logits
 from kneepipe.imaging import ImageReadError, find_images, read_radiograph
 from kneepipe.metrics import grading_metrics
 
@@ -115,9 +114,8 @@ def grade_folder(
             rows.append(row)
         if batch_crops:
             logits = grader.predict_logits(batch_crops, batch_size=config.batch)
-            head, temperature = grader.preprocessing.head, grader.preprocessing.temperature
-            uncalibrated.append(probabilities_from_logits(logits, head))
-            calibrated.append(probabilities_from_logits(logits, head, temperature if config.calibrated else 1.0))
+            uncalibrated.append(grader.probabilities(logits, calibrated=False))
+            calibrated.append(grader.probabilities(logits, calibrated=config.calibrated))
         if progress:
             progress(min(start + config.batch, len(files)), len(files))
 
@@ -137,6 +135,7 @@ def grade_folder(
         metrics["ece_uncalibrated"] = grading_metrics(true, raw)["ece"]
         metrics["ece_calibrated"] = grading_metrics(true, probabilities)["ece"]
         metrics["temperature"] = grader.preprocessing.temperature if config.calibrated else 1.0
+        metrics["class_bias"] = [round(b, 4) for b in grader.preprocessing.class_bias] if config.calibrated else None
         metrics["grader"] = grader.version
         metrics["refused"] = len(run.refused)
         metrics.update(priors)

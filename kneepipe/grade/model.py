@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ class Preprocessing:
     framing: str = OAI_FRAMING
     class_names: tuple[str, ...] = ("KL0", "KL1", "KL2", "KL3", "KL4")
     temperature: float = 1.0
+    class_bias: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0, 0.0)  # bias-corrected temperature scaling
     train_prior: tuple[float, ...] = (0.2, 0.2, 0.2, 0.2, 0.2)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -54,6 +56,7 @@ class Preprocessing:
             raise ValueError(f"grader format version {version} is not supported (expected {FORMAT_VERSION})")
         record["class_names"] = tuple(record["class_names"])
         record["train_prior"] = tuple(record["train_prior"])
+        record["class_bias"] = tuple(record.get("class_bias", (0.0,) * 5))
         return cls(**record)
 
 
@@ -89,30 +92,35 @@ def build_grader(head: str = "softmax", dropout: float = 0.3, weights: str | Non
     return keras.Model(inputs, logits, name=f"xception_kl_{head}")
 
 
-def probabilities_from_logits(logits: np.ndarray, head: str, temperature: float = 1.0) -> np.ndarray:
-    """Grade probabilities ``(n, 5)`` from network outputs, with temperature scaling.
+def probabilities_from_logits(
+    logits: np.ndarray, head: str, temperature: float = 1.0, class_bias: Sequence[float] | None = None
+) -> np.ndarray:
+    """Grade probabilities ``(n, 5)`` from network outputs, with (bias-corrected) temperature scaling.
+
+    Calibrated probabilities are ``softmax(log p / T + class_bias)``, ``p`` the network's own.
 
     For CORN, the 4 outputs are logits of P(grade > k | grade > k-1); their cumulative
     products give P(grade > k), whose differences are the grade probabilities.
     """
     logits = np.asarray(logits, dtype=np.float64)
     if head == "softmax":
-        z = logits / temperature
-        z -= z.max(axis=1, keepdims=True)
-        p = np.exp(z)
-        return p / p.sum(axis=1, keepdims=True)
-    conditional = 1.0 / (1.0 + np.exp(-logits))
-    above = np.cumprod(conditional, axis=1)  # P(grade > k), k = 0..3
-    upper = np.concatenate([np.ones((len(logits), 1)), above], axis=1)
-    lower = np.concatenate([above, np.zeros((len(logits), 1))], axis=1)
-    p = np.clip(upper - lower, 1e-12, 1.0)
-    p /= p.sum(axis=1, keepdims=True)
-    if temperature != 1.0:
-        z = np.log(p) / temperature
-        z -= z.max(axis=1, keepdims=True)
+        z = logits - logits.max(axis=1, keepdims=True)
         p = np.exp(z)
         p /= p.sum(axis=1, keepdims=True)
-    return p
+    else:
+        conditional = 1.0 / (1.0 + np.exp(-logits))
+        above = np.cumprod(conditional, axis=1)  # P(grade > k), k = 0..3
+        upper = np.concatenate([np.ones((len(logits), 1)), above], axis=1)
+        lower = np.concatenate([above, np.zeros((len(logits), 1))], axis=1)
+        p = np.clip(upper - lower, 1e-12, 1.0)
+        p /= p.sum(axis=1, keepdims=True)
+    bias = np.zeros(NUM_GRADES) if class_bias is None else np.asarray(class_bias, dtype=np.float64)
+    if temperature == 1.0 and not bias.any():
+        return p
+    z = np.log(np.clip(p, 1e-12, 1.0)) / temperature + bias
+    z -= z.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    return p / p.sum(axis=1, keepdims=True)
 
 
 def corn_loss(y_true, logits):

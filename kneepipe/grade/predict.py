@@ -55,12 +55,18 @@ class Grader:
             outputs.append(np.asarray(self.model(x, training=False), dtype=np.float32))
         return np.concatenate(outputs)
 
+    def probabilities(self, logits: np.ndarray, calibrated: bool = True) -> np.ndarray:
+        """Grade probabilities from network outputs, with the stored calibration unless ``calibrated=False``."""
+        pre = self.preprocessing
+        if not calibrated:
+            return probabilities_from_logits(logits, pre.head)
+        return probabilities_from_logits(logits, pre.head, pre.temperature, pre.class_bias)
+
     def predict_proba(
         self, crops: Sequence[np.ndarray] | np.ndarray, batch_size: int = 32, calibrated: bool = True
     ) -> np.ndarray:
-        """``(n, 5)`` KL grade probabilities; temperature-scaled unless ``calibrated=False``."""
-        temperature = self.preprocessing.temperature if calibrated else 1.0
-        return probabilities_from_logits(self.predict_logits(crops, batch_size), self.preprocessing.head, temperature)
+        """``(n, 5)`` KL grade probabilities, calibrated (temperature and grade biases fitted on val)."""
+        return self.probabilities(self.predict_logits(crops, batch_size), calibrated)
 
     def gradcam(self, crop: np.ndarray, grade: int | None = None) -> np.ndarray:
         """Grad-CAM heat map (crop-sized, 0-1) of what drove the grade of one crop.

@@ -267,14 +267,11 @@ def finish_run(
 ) -> PipelineRun:
     """Final grades over the whole batch, then ``results.csv``, summaries, metrics and the report."""
     from kneepipe.grade.folder import adjust_for_prior, write_csv_atomic
-    from kneepipe.grade.model import probabilities_from_logits
 
     knees = [(name, knee) for name, record in images.items() for knee in record["knees"] if knee["status"] == STATUS_OK]
-    head = grader.preprocessing.head
-    temperature = grader.preprocessing.temperature if grade_cfg.calibrated else 1.0
     if knees:
         logits = np.array([knee["logits"] for _, knee in knees], dtype=np.float64)
-        probabilities = probabilities_from_logits(logits, head, temperature)
+        probabilities = grader.probabilities(logits, calibrated=grade_cfg.calibrated)
     else:
         probabilities = np.empty((0, len(KL_GRADES)))
     train_prior = np.asarray(grader.preprocessing.train_prior, dtype=float)
@@ -317,7 +314,7 @@ def finish_run(
         metrics.update(
             grader=grader.version,
             detector=detector_version,
-            temperature=temperature,
+            temperature=grader.preprocessing.temperature if grade_cfg.calibrated else 1.0,
             refused_files=len(run.refused),
             **priors,
         )
