@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 
 from kneepipe.grade.config import GradeConfig
-from kneepipe.grade.model import probabilities_from_logits, save_grader
+from kneepipe.grade.model import decide_grades, probabilities_from_logits, save_grader
+from kneepipe.metrics import grading_metrics
 
 
 def calibrate_grader(path: str | Path, config: GradeConfig) -> float:
-    """Fit bias-corrected temperature scaling on the val crops of ``config``; rewrite ``path`` with it.
+    """Fit bias-corrected temperature scaling and pick the decision rule on val; rewrite ``path``.
 
     Only val is used: the same split the epoch was selected on, never a test split.
     """
@@ -24,8 +25,17 @@ def calibrate_grader(path: str | Path, config: GradeConfig) -> float:
     grader = Grader.load(path)
     probabilities = probabilities_from_logits(grader.predict_logits(val.crops, config.batch), grader.preprocessing.head)
     temperature, bias = fit_temperature_and_bias(np.log(np.clip(probabilities, 1e-12, 1.0)), val.kl_grades)
+    calibrated = probabilities_from_logits(np.log(np.clip(probabilities, 1e-12, 1.0)), "softmax", temperature, bias)
+    # The decision rule with the better val QWK, the criterion the epoch was selected on.
+    qwk = {
+        rule: grading_metrics(val.kl_grades, calibrated, decide_grades(calibrated, rule))["qwk"]
+        for rule in ("argmax", "median")
+    }
     preprocessing = dataclasses.replace(
-        grader.preprocessing, temperature=temperature, class_bias=tuple(float(b) for b in bias)
+        grader.preprocessing,
+        temperature=temperature,
+        class_bias=tuple(float(b) for b in bias),
+        decision=max(qwk, key=qwk.get),
     )
     save_grader(grader.model, preprocessing, path)
     return temperature

@@ -123,15 +123,17 @@ def grade_folder(
     probabilities = np.concatenate(calibrated) if calibrated else np.empty((0, 5))
     train_prior = np.asarray(grader.preprocessing.train_prior, dtype=float)
     final, priors = adjust_for_prior(probabilities, train_prior, config)
-    for i, p in zip(graded_index, final, strict=True):
-        rows[i]["kl_grade"] = int(np.argmax(p))
+    decided = grader.decide(final)
+    for i, p, kl_grade in zip(graded_index, final, decided, strict=True):
+        rows[i]["kl_grade"] = int(kl_grade)
         rows[i].update({f"p{g}": f"{p[g]:.4f}" for g in range(5)})
     write_csv_atomic(out_dir / "grades.csv", GRADES_COLUMNS, rows)
 
     run = GradeRun(rows, priors=priors)
     true = np.array([rows[i]["true_grade"] for i in graded_index], dtype=int)
     if len(true) and (true >= 0).all():
-        metrics = grading_metrics(true, final)
+        metrics = grading_metrics(true, final, decided)
+        metrics["decision"] = grader.preprocessing.decision
         metrics["ece_uncalibrated"] = grading_metrics(true, raw)["ece"]
         metrics["ece_calibrated"] = grading_metrics(true, probabilities)["ece"]
         metrics["temperature"] = grader.preprocessing.temperature if config.calibrated else 1.0

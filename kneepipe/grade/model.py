@@ -42,6 +42,7 @@ class Preprocessing:
     class_names: tuple[str, ...] = ("KL0", "KL1", "KL2", "KL3", "KL4")
     temperature: float = 1.0
     class_bias: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0, 0.0)  # bias-corrected temperature scaling
+    decision: str = "argmax"  # how probabilities become a grade: "argmax" or "median" (chosen on val)
     train_prior: tuple[float, ...] = (0.2, 0.2, 0.2, 0.2, 0.2)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -121,6 +122,25 @@ def probabilities_from_logits(
     z -= z.max(axis=1, keepdims=True)
     p = np.exp(z)
     return p / p.sum(axis=1, keepdims=True)
+
+
+def decide_grades(probabilities: np.ndarray, rule: str = "argmax") -> np.ndarray:
+    """KL grades from ``(n, 5)`` probabilities by a decision rule.
+
+    ``argmax`` picks the most probable grade (best for accuracy); ``median`` picks the
+    median of the grade distribution, the grade minimising the expected absolute error,
+    which respects the ordinal scale (a knee torn between KL0 and KL2 gets KL1).
+
+    >>> decide_grades(np.array([[0.45, 0.1, 0.45, 0, 0]]), "median").tolist()
+    [1]
+    """
+    probabilities = np.asarray(probabilities, dtype=np.float64).reshape(-1, NUM_GRADES)
+    if rule == "argmax":
+        return probabilities.argmax(axis=1)
+    if rule == "median":
+        cumulative = np.cumsum(probabilities, axis=1) / probabilities.sum(axis=1, keepdims=True)
+        return np.minimum((cumulative < 0.5).sum(axis=1), NUM_GRADES - 1)
+    raise ValueError(f"unknown decision rule {rule!r} (argmax or median)")
 
 
 def corn_loss(y_true, logits):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from kneepipe.grade.data import fit_crop, network_input, resize_all
-from kneepipe.grade.model import file_digest, load_grader, probabilities_from_logits
+from kneepipe.grade.model import decide_grades, file_digest, load_grader, probabilities_from_logits
 from kneepipe.runtime import import_keras
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
@@ -61,6 +61,10 @@ class Grader:
         if not calibrated:
             return probabilities_from_logits(logits, pre.head)
         return probabilities_from_logits(logits, pre.head, pre.temperature, pre.class_bias)
+
+    def decide(self, probabilities: np.ndarray) -> np.ndarray:
+        """KL grades from probabilities by the decision rule stored with the model."""
+        return decide_grades(probabilities, self.preprocessing.decision)
 
     def predict_proba(
         self, crops: Sequence[np.ndarray] | np.ndarray, batch_size: int = 32, calibrated: bool = True

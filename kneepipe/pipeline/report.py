@@ -195,8 +195,8 @@ def _plot_img(alt: str, uri: str) -> str:
     return f'<img class="plot" alt="{alt}" src="{uri}">'
 
 
-def _probability_bars(probabilities: Sequence[float]) -> str:
-    top = int(np.argmax(probabilities))
+def _probability_bars(probabilities: Sequence[float], kl_grade: int) -> str:
+    top = kl_grade
     rows = []
     for grade, p in zip(KL_GRADES, probabilities, strict=True):
         rows.append(
@@ -435,7 +435,7 @@ def _knee_html(record, knee, out_dir: Path, grader, with_gradcam: bool, truth_by
     lines = [f"<div>{side} knee · detector confidence {knee['det_confidence']:.2f}</div>"]
     if knee["status"] == STATUS_OK:
         lines.insert(0, f'<div class="grade">KL {knee["kl_grade"]}</div>')
-        lines.append(_probability_bars(knee["probabilities"]))
+        lines.append(_probability_bars(knee["probabilities"], int(knee["kl_grade"])))
     else:
         lines.insert(0, '<div class="grade refused">not graded</div>')
     truth = truth_by_knee.get((record["image"], knee["side"]))

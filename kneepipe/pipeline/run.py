@@ -276,9 +276,9 @@ def finish_run(
         probabilities = np.empty((0, len(KL_GRADES)))
     train_prior = np.asarray(grader.preprocessing.train_prior, dtype=float)
     final, priors = adjust_for_prior(probabilities, train_prior, grade_cfg)
-    for (_, knee), p in zip(knees, final, strict=True):
+    for (_, knee), p, kl_grade in zip(knees, final, grader.decide(final), strict=True):
         knee["probabilities"] = [float(v) for v in p]
-        knee["kl_grade"] = int(np.argmax(p))
+        knee["kl_grade"] = int(kl_grade)
 
     rows = _results_rows(images)
     write_csv_atomic(out_dir / "results.csv", RESULTS_COLUMNS, rows)
