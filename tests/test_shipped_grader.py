@@ -1,6 +1,5 @@
 """The shipped grader on real val crops: clearly better than chance, and self-describing."""
 
-import numpy as np
 import pytest
 
 from kneepipe.grade.data import labelled_files, load_crops
