@@ -7,6 +7,9 @@ the very crop it would grade directly). The films are large enough that a knee s
 least 224 px, so the composite adds no down-sampling of its own. Then
 
 * crops only: ``grade_folder`` (the library of ``kneepipe grade``) on the val crops;
+* films at the true boxes: the crops cut back out of the films at their labelled boxes
+  (the detector's framing function, no detector), graded: what the film rendering alone
+  costs (the compositor changes exposure, gamma, noise and blur over the whole film);
 * end to end: ``run_pipeline`` (the library of ``kneepipe run``) on the films with the
   labels CSV, missed and misassigned knees counted as failures.
 
@@ -83,6 +86,33 @@ def crops_folder(crops_root: Path, labels: Path, out_dir: Path) -> Path:
     return folder
 
 
+def graded_at_true_boxes(films: Path, labels: Path, grader, max_side: int) -> dict:
+    """The grader on crops cut from the films at the labelled boxes: the films without a detector.
+
+    Separates what the film rendering costs (crops-only vs. this) from what detection
+    costs (this vs. end to end): the crops go through the same framing function
+    (:func:`kneepipe.detect.framing.crop_joint`) the detector's boxes go through.
+    """
+    from kneepipe.detect.framing import crop_joint
+    from kneepipe.imaging import read_radiograph
+    from kneepipe.metrics import grading_metrics
+
+    with labels.open() as handle:
+        rows = list(csv.DictReader(handle))
+    by_film: dict[str, list[dict]] = {}
+    for row in rows:
+        by_film.setdefault(row["image"], []).append(row)
+    crops, true = [], []
+    for name, knees in by_film.items():
+        radiograph = read_radiograph(films / name, max_side=max_side)
+        for knee in knees:
+            box = tuple(float(knee[k]) * radiograph.scale for k in ("x1", "y1", "x2", "y2"))
+            crops.append(crop_joint(radiograph.pixels, box))
+            true.append(int(knee["kl_grade"]))
+    probabilities = grader.predict_proba(crops)
+    return grading_metrics(np.array(true), probabilities, grader.decide(probabilities))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="working folder (films, outputs)")
@@ -119,6 +149,7 @@ def main() -> int:
     started = time.perf_counter()
     crops_only = grade_folder(crops, args.out / "crops_only", grade_cfg, grader=grader).metrics
     crops_seconds = time.perf_counter() - started
+    true_boxes = graded_at_true_boxes(films / "images", labels, grader, detect_cfg.max_side)
     run = run_pipeline(
         films / "images",
         args.out / "end_to_end",
@@ -136,12 +167,15 @@ def main() -> int:
         "films": run.summary["images"],
         "labelled_knees": e2e["labelled_knees"],
         "crops_only": {k: crops_only[k] for k in ("n", "accuracy", "qwk", "mae", "ece")},
+        "films_true_boxes": {k: true_boxes[k] for k in ("n", "accuracy", "qwk", "mae", "ece")},
         "end_to_end": {k: e2e[k] for k in ("labelled_knees", "accuracy", "qwk", "mae", "ece")},
         "end_to_end_graded_only": {k: e2e["graded_only"][k] for k in ("n", "accuracy", "qwk", "mae")},
         "matched": e2e["matched"],
         "missed": e2e["missed"],
         "misassigned": e2e["misassigned"],
         "accuracy_gap_points": round(gap, 2),
+        "film_rendering_cost_points": round(100 * (crops_only["accuracy"] - true_boxes["accuracy"]), 2),
+        "detection_cost_points": round(100 * (true_boxes["accuracy"] - e2e["accuracy"]), 2),
         "crops_only_seconds": round(crops_seconds, 1),
         "end_to_end_seconds": round(run.seconds, 1),
         "detector": detector.version,
@@ -150,10 +184,13 @@ def main() -> int:
     print(json.dumps(result, indent=2))
     print(
         f"crops only: accuracy {crops_only['accuracy']:.4f} QWK {crops_only['qwk']:.4f} ({crops_only['n']} crops)\n"
+        f"films, crops at the true boxes: accuracy {true_boxes['accuracy']:.4f} QWK {true_boxes['qwk']:.4f}\n"
         f"end to end: accuracy {e2e['accuracy']:.4f} QWK {e2e['qwk']:.4f} ({e2e['labelled_knees']} knees on "
         f"{run.summary['images']} films; {e2e['matched']} matched, {e2e['missed']} missed, "
         f"{e2e['misassigned']} wrong side)\n"
-        f"detection costs {gap:.2f} accuracy points (acceptance: <= 2.00, every knee graded)"
+        f"end to end vs crops only: {gap:.2f} accuracy points (acceptance: <= 2.00, every knee graded); "
+        f"of which the film rendering {result['film_rendering_cost_points']:.2f}, "
+        f"detection {result['detection_cost_points']:.2f}"
     )
     (args.out / "end_to_end_eval.json").write_text(json.dumps(result, indent=2))
     return 0 if gap <= 2.0 and all_graded else 1

@@ -29,6 +29,7 @@ from kneepipe import KL_GRADES, __version__
 from kneepipe.joints import STATUS_OK
 
 SIDE_COLOURS = {"R": (255, 140, 0), "L": (0, 200, 255)}  # BGR: blue-ish right, amber left
+DETECT_SHOWN = ("imgsz", "conf", "iou", "max_det", "max_side", "overexposed_fraction")
 STATUS_TEXT = {
     "no_knee": "no knee found",
     "not_gradable_view": "view not gradable for KL",
@@ -59,6 +60,7 @@ th{background:#eef1f4} td.l,th.l{text-align:left}
 .bar div{height:10px;background:#3a78c2;border-radius:2px}
 .bar.top div{background:#c2553a}
 .warn{color:#9a4b00} .refused{color:#8a1f11}
+summary{cursor:pointer;color:#3a78c2}
 pre{background:#f1f3f5;padding:10px;border-radius:4px;overflow-x:auto;font-size:12px}
 img.plot{max-width:100%;border:1px solid #e4e8ec;background:#fff}
 """
@@ -356,7 +358,9 @@ def write_report(run, pipeline_cfg, grader, configs: dict[str, Any]) -> Path:
     parts.append(
         f"<h2>Radiographs ({min(len(shown), limit)} of {len(shown)} with knees)</h2>"
         "<p class=\"muted small\">Boxes: right knee blue, left knee amber; the patient's right knee is on the image's "
-        "left on an AP view. Heat map: Grad-CAM of the grade given (red = what drove it most).</p>"
+        "left on an AP view. Heat map: Grad-CAM of the grade given (red = what drove it most). "
+        f"Grade from the probabilities by the {html.escape(getattr(grader.preprocessing, 'decision', 'argmax'))} "
+        "rule (see Models and configuration); its bar is red.</p>"
     )
     gradcams_left = pipeline_cfg.report_max_gradcam if pipeline_cfg.report_gradcam else 0
     for record in shown[:limit]:
@@ -385,6 +389,7 @@ def write_report(run, pipeline_cfg, grader, configs: dict[str, Any]) -> Path:
     preprocessing = grader.preprocessing
     train_prior = str([round(float(p), 3) for p in preprocessing.train_prior])
     adaptation = _prior_text(summary.get("priors", {}))
+    detect_settings = _settings(configs, "detect", DETECT_SHOWN)
     parts.append(
         "<table>"
         f"<tr><td class=l>detector</td><td class=l>{html.escape(summary['detector'])}</td></tr>"
@@ -392,9 +397,14 @@ def write_report(run, pipeline_cfg, grader, configs: dict[str, Any]) -> Path:
         f"{html.escape(preprocessing.head)} head, temperature {preprocessing.temperature:.3f})</td></tr>"
         f"<tr><td class=l>training grade prior</td><td class=l>{html.escape(train_prior)}</td></tr>"
         f"<tr><td class=l>prior adaptation</td><td class=l>{html.escape(adaptation)}</td></tr>"
+        f"<tr><td class=l>decision rule</td><td class=l>{html.escape(_decision_text(preprocessing))}</td></tr>"
+        f"<tr><td class=l>detection settings</td><td class=l>{html.escape(detect_settings)}</td></tr>"
         "</table>"
     )
-    parts.append(f"<pre>{html.escape(yaml.safe_dump(configs, sort_keys=False))}</pre>")
+    parts.append(
+        "<details><summary>Full configuration (args.yaml)</summary>"
+        f"<pre>{html.escape(yaml.safe_dump(configs, sort_keys=False))}</pre></details>"
+    )
 
     page = (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
@@ -406,6 +416,18 @@ def write_report(run, pipeline_cfg, grader, configs: dict[str, Any]) -> Path:
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+def _decision_text(preprocessing) -> str:
+    rule = getattr(preprocessing, "decision", "argmax")
+    if rule == "median":
+        return "median: the grade at which the cumulative probability passes 50% (respects the ordinal scale)"
+    return "argmax: the most probable grade"
+
+
+def _settings(configs: dict[str, Any], stage: str, keys: Sequence[str]) -> str:
+    values = configs.get(stage, {})
+    return ", ".join(f"{key} {values[key]}" for key in keys if key in values)
 
 
 def _prior_text(priors: dict[str, Any]) -> str:
