@@ -221,13 +221,15 @@ def test_decode_stream_keeps_order_and_holds_few_images(tmp_path, monkeypatch, o
 
     monkeypatch.setattr(stream, "read_radiograph", counting_read)
     seen, most_ahead = [], 0
-    for index, (path, item) in enumerate(stream.decoded_radiographs(paths, 4096, prefetch=3, workers=2)):
+    shapes = stream.decoded_radiographs(paths, 4096, prefetch=3, workers=2, prepare=lambda r: r.pixels.shape)
+    for index, (path, item, shape) in enumerate(shapes):
         time.sleep(0.005)  # a slow consumer: the decoder must wait, not run ahead
         with lock:
             most_ahead = max(most_ahead, decoded[0] - index)
-        seen.append((path, type(item).__name__))
-    assert [path for path, _ in seen] == paths
-    assert seen[7][1] == "ImageReadError"
+        seen.append((path, type(item).__name__, shape))
+    assert [path for path, _, _ in seen] == paths
+    assert seen[7][1:] == ("ImageReadError", None)
+    assert seen[0][1:] == ("Radiograph", (224, 224))  # prepared in the decoding thread
     assert most_ahead <= 3 + 2 + 1  # queue + decoding threads + the item handed out
 
 

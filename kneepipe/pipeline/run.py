@@ -207,8 +207,15 @@ def run_pipeline(
 
     started = time.perf_counter()
     completed, knees_processed = resumed, 0
-    step: list[tuple[Path, Radiograph | ImageReadError]] = []
-    stream = decoded_radiographs(todo, detect_cfg.max_side, pipeline_cfg.prefetch, pipeline_cfg.decode_workers)
+    step: list[tuple[Path, Radiograph | ImageReadError, Any]] = []
+    size = pipeline_cfg.thumbnail_size
+    stream = decoded_radiographs(
+        todo,
+        detect_cfg.max_side,
+        pipeline_cfg.prefetch,
+        pipeline_cfg.decode_workers,
+        prepare=(lambda radiograph: thumbnail_jpeg(radiograph, size)) if size else None,
+    )
     try:
         for item in stream:
             step.append(item)
@@ -356,13 +363,17 @@ def _output_keys(names: Sequence[str]) -> dict[str, str]:
     return {name: short[name] if counts[short[name]] == 1 else flat(name, keep_suffix=True) for name in names}
 
 
-def _write_png(path: Path, pixels: np.ndarray, suffix: str = ".png", params: Sequence[int] = ()) -> None:
-    ok, encoded = cv2.imencode(suffix, pixels, list(params))
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def _write_png(path: Path, pixels: np.ndarray) -> None:
+    ok, encoded = cv2.imencode(".png", pixels)
     if not ok:
         raise OSError(f"cannot encode {path.name}")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(encoded.tobytes())
-    tmp.replace(path)
+    _write_atomic(path, encoded.tobytes())
 
 
 def _detect(detector, radiographs: Sequence[Radiograph]) -> list[Detection]:
@@ -416,7 +427,7 @@ def _joint_notes(joints: Sequence[Joint]) -> str:
 
 
 def _process_step(
-    step: Sequence[tuple[Path, Radiograph | ImageReadError]],
+    step: Sequence[tuple[Path, Radiograph | ImageReadError, Any]],
     names: dict[Path, str],
     keys: dict[str, str],
     out_dir: Path,
@@ -426,13 +437,13 @@ def _process_step(
     grader,
 ) -> list[dict[str, Any]]:
     """Detect, grade and save one step of radiographs; returns their journal records."""
-    radiographs = [item for _, item in step if isinstance(item, Radiograph)]
+    radiographs = [item for _, item, _ in step if isinstance(item, Radiograph)]
     detections = {id(r): d for r, d in zip(radiographs, _detect(detector, radiographs), strict=True)}
     joints = [joint for r in radiographs for joint in detections[id(r)].joints]
     graded = iter(_grade(grader, [joint.crop for joint in joints], grade_cfg.batch))
 
     records = []
-    for path, item in step:
+    for path, item, thumbnail in step:
         name = names[path]
         record: dict[str, Any] = {
             "image": name,
@@ -456,8 +467,11 @@ def _process_step(
             original_size=list(item.original_size),
             scale=item.scale,
         )
-        if pipeline_cfg.thumbnail_size:
-            record.update(_save_thumbnail(item, out_dir, keys[name], pipeline_cfg.thumbnail_size))
+        if thumbnail is not None:
+            jpeg, thumbnail_scale = thumbnail
+            (out_dir / "thumbnails").mkdir(exist_ok=True)
+            _write_atomic(out_dir / f"thumbnails/{keys[name]}.jpg", jpeg)
+            record.update(thumbnail=f"thumbnails/{keys[name]}.jpg", thumbnail_scale=thumbnail_scale)
         note = _joint_notes(detection.joints)
         seen: Counter = Counter()
         for joint in detection.joints:
@@ -489,17 +503,18 @@ def _process_step(
     return records
 
 
-def _save_thumbnail(radiograph: Radiograph, out_dir: Path, key: str, size: int) -> dict[str, Any]:
+def thumbnail_jpeg(radiograph: Radiograph, size: int) -> tuple[bytes, float]:
+    """A JPEG of the radiograph no longer than ``size`` a side, and its scale to source pixels."""
     pixels = radiograph.pixels
     height, width = pixels.shape
     factor = min(1.0, size / max(height, width))
     if factor < 1.0:
         new_size = (max(1, round(width * factor)), max(1, round(height * factor)))
         pixels = cv2.resize(pixels, new_size, interpolation=cv2.INTER_AREA)
-    (out_dir / "thumbnails").mkdir(exist_ok=True)
-    name = f"thumbnails/{key}.jpg"
-    _write_png(out_dir / name, pixels, ".jpg", (cv2.IMWRITE_JPEG_QUALITY, 85))
-    return {"thumbnail": name, "thumbnail_scale": pixels.shape[1] / radiograph.original_size[0]}
+    ok, encoded = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, 85])
+    if not ok:
+        raise OSError(f"cannot encode a thumbnail of {radiograph.path}")
+    return encoded.tobytes(), pixels.shape[1] / radiograph.original_size[0]
 
 
 def _results_rows(images: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import queue
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from kneepipe.imaging import ImageReadError, Radiograph, read_radiograph
 
@@ -36,18 +37,35 @@ def read_or_reason(path: Path, max_side: int) -> Radiograph | ImageReadError:
         return ImageReadError(path, f"cannot decode ({type(err).__name__}: {err})")
 
 
+def _read_and_prepare(path: Path, max_side: int, prepare) -> tuple[Radiograph | ImageReadError, Any]:
+    item = read_or_reason(path, max_side)
+    if prepare is None or isinstance(item, ImageReadError):
+        return item, None
+    try:
+        return item, prepare(item)
+    except Exception:  # an optional extra: the radiograph is still processed without it
+        return item, None
+
+
 def decoded_radiographs(
-    paths: Sequence[Path], max_side: int, prefetch: int = 32, workers: int = 1
-) -> Iterator[tuple[Path, Radiograph | ImageReadError]]:
-    """Yield ``(path, radiograph or read error)`` in input order, decoding ahead in threads.
+    paths: Sequence[Path],
+    max_side: int,
+    prefetch: int = 32,
+    workers: int = 1,
+    prepare: Callable[[Radiograph], Any] | None = None,
+) -> Iterator[tuple[Path, Radiograph | ImageReadError, Any]]:
+    """Yield ``(path, radiograph or read error, prepared)`` in input order, decoding ahead in threads.
 
     Args:
         paths: the files, in the order results should come.
         max_side: radiographs with a longer side are shrunk on reading.
         prefetch: most decoded radiographs waiting to be consumed.
         workers: decoding threads.
+        prepare: optional work on each decoded radiograph done in the decoding thread
+            too (e.g. a thumbnail), so it overlaps with the models; its result comes
+            third (None for files that could not be read).
 
-    >>> for path, radiograph in decoded_radiographs(paths, max_side=4096):  # doctest: +SKIP
+    >>> for path, radiograph, _ in decoded_radiographs(paths, max_side=4096):  # doctest: +SKIP
     ...     print(path, getattr(radiograph, "pixels", radiograph).shape)
     """
     ready: queue.Queue = queue.Queue(maxsize=prefetch)
@@ -69,13 +87,13 @@ def decoded_radiographs(
                 for path in paths:
                     if stop.is_set():
                         break
-                    in_flight.append((path, pool.submit(read_or_reason, path, max_side)))
+                    in_flight.append((path, pool.submit(_read_and_prepare, path, max_side, prepare)))
                     while len(in_flight) >= workers and not stop.is_set():
                         done_path, future = in_flight.popleft()
-                        put((done_path, future.result()))
+                        put((done_path, *future.result()))
                 while in_flight and not stop.is_set():
                     done_path, future = in_flight.popleft()
-                    put((done_path, future.result()))
+                    put((done_path, *future.result()))
                 for _, future in in_flight:
                     future.cancel()
         except BaseException as err:  # surfaced in the consumer, never swallowed
