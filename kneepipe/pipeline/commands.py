@@ -123,8 +123,8 @@ def run(
         if speed["start"] is None:
             speed["start"], speed["first"] = now, done
         elapsed = now - speed["start"]
-        rate = (done - speed["first"]) / elapsed if elapsed > 0 else 0.0
-        bar.update(task, completed=done, total=total, rate=f"{rate:.2f} images/s")
+        rate = f"{(done - speed['first']) / elapsed:.2f} images/s" if done > speed["first"] and elapsed > 0 else ""
+        bar.update(task, completed=done, total=total, rate=rate)
 
     with Progress(
         "grading radiographs",
@@ -164,7 +164,7 @@ def print_summary(result) -> None:
     from kneepipe.metrics import format_metrics
 
     s = result.summary
-    resumed = f" ({result.resumed} from the interrupted run)" if result.resumed else ""
+    resumed = f" ({result.resumed} done before in this folder)" if result.resumed else ""
     rate = f"; {s['images_per_s']} radiographs/s, {s['knees_per_s']} knees/s" if s.get("images_per_s") else ""
     console.print(
         f"[bold]{s['images']} radiographs{resumed}: {s['images_read']} read, {s['knees_graded']} knees graded, "
