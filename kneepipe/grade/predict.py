@@ -52,7 +52,7 @@ class Grader:
         outputs = []
         for start in range(0, len(crops), batch_size):
             x = self.prepare(crops[start : start + batch_size])
-            outputs.append(np.asarray(self.model(x, training=False), dtype=np.float32))
+            outputs.append(np.asarray(self.model.predict_on_batch(x), dtype=np.float32))
         return np.concatenate(outputs)
 
     def probabilities(self, logits: np.ndarray, calibrated: bool = True) -> np.ndarray:
