@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from kneepipe.audit.config import AuditConfig
+from kneepipe.files import write_atomic
 
 EXACT_COPY = "exact_copy"
 NEAR_COPY = "near_copy"
@@ -425,7 +426,4 @@ def write_leakage_csv(pairs: Sequence[LeakagePair], path: str | os.PathLike) -> 
     for pair in pairs:
         distance = "" if pair.distance is None else f"{pair.distance:.4f}"
         writer.writerow([str(pair.file_a), str(pair.file_b), pair.kind, distance])
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(buffer.getvalue())
-    tmp.replace(path)
-    return path
+    return write_atomic(path, buffer.getvalue())

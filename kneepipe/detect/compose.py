@@ -33,6 +33,7 @@ import cv2
 import numpy as np
 
 from kneepipe.detect.framing import CROP_SIZE
+from kneepipe.files import write_atomic
 
 SIDES = ("R", "L")
 """Detector class order: class 0 is the patient's right knee, class 1 the left."""
@@ -345,12 +346,6 @@ def yolo_label_lines(placed: Sequence[PlacedKnee], image_size: tuple[int, int]) 
     return lines
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def compose_dataset(
     crops_root: Path,
     out_dir: Path,
@@ -406,9 +401,9 @@ def compose_dataset(
         ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(80, 97))])
         if not ok:
             raise OSError(f"cannot encode composite {name}")
-        _write_atomic(images_dir / name, encoded.tobytes())
+        write_atomic(images_dir / name, encoded.tobytes())
         lines = yolo_label_lines(placed, (image.shape[1], image.shape[0]))
-        _write_atomic(labels_dir / f"{Path(name).stem}.txt", ("\n".join(lines) + "\n").encode())
+        write_atomic(labels_dir / f"{Path(name).stem}.txt", ("\n".join(lines) + "\n").encode())
         for knee in placed:
             rows.append([name, knee.side, knee.kl_grade, *(f"{v:.1f}" for v in knee.box), knee.source.name])
     labels_csv = Path(out_dir) / "labels.csv"

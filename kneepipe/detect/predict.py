@@ -10,10 +10,7 @@ gets an ``error`` row and the batch goes on.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
-import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +24,7 @@ from kneepipe.config import save_config
 from kneepipe.detect.compose import SIDES
 from kneepipe.detect.config import DetectConfig
 from kneepipe.detect.framing import crop_joint, square_box
+from kneepipe.files import write_atomic, write_csv_atomic
 from kneepipe.imaging import ImageReadError, Radiograph, find_images, read_radiograph
 from kneepipe.joints import (
     STATUS_ERROR,
@@ -240,12 +238,6 @@ class DetectSummary:
     detector_version: str
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _crop_name(stem: str, side: str, taken: set[str]) -> str:
     name, number = f"{stem}_{side}.png", 2
     while name in taken:
@@ -281,7 +273,7 @@ def write_joint_rows(detection: Detection, out_dir: Path, taken: set[str]) -> li
         ok, encoded = cv2.imencode(".png", joint.crop)
         if not ok:
             raise OSError(f"cannot encode the {joint.side} crop of {image}")
-        _write_atomic(out_dir / name, encoded.tobytes())
+        write_atomic(out_dir / name, encoded.tobytes())
         x1, y1, x2, y2 = joint.box
         rows.append(
             {
@@ -302,11 +294,7 @@ def write_joint_rows(detection: Detection, out_dir: Path, taken: set[str]) -> li
 
 def write_joints_csv(rows: Iterable[dict[str, str]], path: Path) -> None:
     """Write ``joints.csv`` (the columns of :data:`JOINTS_CSV_COLUMNS`) atomically."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=JOINTS_CSV_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    _write_atomic(path, buffer.getvalue().encode())
+    write_csv_atomic(path, JOINTS_CSV_COLUMNS, rows)
 
 
 def detect_folder(

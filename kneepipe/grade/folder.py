@@ -7,10 +7,7 @@ gets ``status=error`` with the reason; the batch goes on.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from kneepipe.config import save_config
+from kneepipe.files import write_csv_atomic
 from kneepipe.grade.config import GradeConfig
 from kneepipe.grade.data import grade_from_path
 from kneepipe.imaging import ImageReadError, find_images, read_radiograph
@@ -37,17 +35,6 @@ class GradeRun:
     @property
     def refused(self) -> list[dict[str, Any]]:
         return [row for row in self.rows if row["status"] != "ok"]
-
-
-def write_csv_atomic(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
-    """Write a CSV in one piece: a temporary file renamed over the target."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(buffer.getvalue())
-    os.replace(tmp, path)
 
 
 def adjust_for_prior(

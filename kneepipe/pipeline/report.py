@@ -26,6 +26,7 @@ import numpy as np
 import yaml
 
 from kneepipe import KL_GRADES, __version__
+from kneepipe.files import write_atomic
 from kneepipe.joints import STATUS_OK
 
 SIDE_COLOURS = {"R": (255, 140, 0), "L": (0, 200, 255)}  # BGR: blue-ish right, amber left
@@ -412,10 +413,7 @@ def write_report(run, pipeline_cfg, grader, configs: dict[str, Any]) -> Path:
         f"<title>kneepipe report</title><style>{CSS}</style></head><body>" + "\n".join(parts) + "</body></html>"
     )
     path = out_dir / "report.html"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_atomic(path, page)
 
 
 def _decision_text(preprocessing) -> str:

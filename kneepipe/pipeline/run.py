@@ -35,6 +35,7 @@ import numpy as np
 
 from kneepipe import KL_GRADES, __version__
 from kneepipe.config import save_config, to_dict
+from kneepipe.files import write_atomic, write_csv_atomic
 from kneepipe.imaging import ImageReadError, Radiograph, find_images
 from kneepipe.joints import STATUS_ERROR, STATUS_OK, Detection, Joint
 from kneepipe.pipeline.config import PipelineConfig
@@ -273,7 +274,7 @@ def finish_run(
     configs: dict[str, Any] | None = None,
 ) -> PipelineRun:
     """Final grades over the whole batch, then ``results.csv``, summaries, metrics and the report."""
-    from kneepipe.grade.folder import adjust_for_prior, write_csv_atomic
+    from kneepipe.grade.folder import adjust_for_prior
 
     knees = [(name, knee) for name, record in images.items() for knee in record["knees"] if knee["status"] == STATUS_OK]
     if knees:
@@ -338,9 +339,7 @@ def finish_run(
 
 
 def _write_json(path: Path, content: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(content, indent=2))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(content, indent=2))
 
 
 def _is_inside(path: Path, folder: Path) -> bool:
@@ -363,17 +362,11 @@ def _output_keys(names: Sequence[str]) -> dict[str, str]:
     return {name: short[name] if counts[short[name]] == 1 else flat(name, keep_suffix=True) for name in names}
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
 def _write_png(path: Path, pixels: np.ndarray) -> None:
     ok, encoded = cv2.imencode(".png", pixels)
     if not ok:
         raise OSError(f"cannot encode {path.name}")
-    _write_atomic(path, encoded.tobytes())
+    write_atomic(path, encoded.tobytes())
 
 
 def _detect(detector, radiographs: Sequence[Radiograph]) -> list[Detection]:
@@ -470,7 +463,7 @@ def _process_step(
         if thumbnail is not None:
             jpeg, thumbnail_scale = thumbnail
             (out_dir / "thumbnails").mkdir(exist_ok=True)
-            _write_atomic(out_dir / f"thumbnails/{keys[name]}.jpg", jpeg)
+            write_atomic(out_dir / f"thumbnails/{keys[name]}.jpg", jpeg)
             record.update(thumbnail=f"thumbnails/{keys[name]}.jpg", thumbnail_scale=thumbnail_scale)
         note = _joint_notes(detection.joints)
         seen: Counter = Counter()
