@@ -190,6 +190,7 @@ class JointDetector:
             iou=self.config.iou,
             max_det=16,
             agnostic_nms=True,  # one joint is one knee, whichever side the model favours
+            rect=False,  # square letterbox always, so a film's boxes do not depend on its batch neighbours
             device="cpu",
             verbose=False,
         )
