@@ -9,11 +9,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from dicom_files import make_dicom, save_dicom
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
-    ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGLSLossless,
@@ -21,8 +21,6 @@ from pydicom.uid import (
 )
 
 from kneepipe.imaging import ImageReadError, Radiograph, find_images, read_radiograph
-
-DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage, for presentation
 
 
 @pytest.fixture(scope="module")
@@ -47,25 +45,6 @@ def write_image(path: Path, pixels: np.ndarray) -> Path:
     ok, encoded = cv2.imencode(path.suffix, pixels)
     assert ok
     path.write_bytes(encoded.tobytes())
-    return path
-
-
-def make_dicom(pixels: np.ndarray, photometric: str, bits_stored: int, **elements) -> Dataset:
-    dataset = Dataset()
-    dataset.file_meta = FileMetaDataset()
-    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset.file_meta.MediaStorageSOPClassUID = DX_STORAGE
-    dataset.SOPClassUID = DX_STORAGE
-    dataset.Modality = "DX"
-    dataset.set_pixel_data(pixels, photometric, bits_stored)
-    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
-    for keyword, value in elements.items():
-        setattr(dataset, keyword, value)
-    return dataset
-
-
-def save_dicom(dataset: Dataset, path: Path) -> Path:
-    dataset.save_as(path, enforce_file_format=True)
     return path
 
 

@@ -19,8 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian
+from dicom_files import make_dicom, save_dicom
 from typer.testing import CliRunner
 
 from kneepipe.cli import app
@@ -46,7 +45,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # The one annotated AP knee the shipped detector does not find (kneepipe/weights/DETECTOR.md:
 # the left knee of a dark, low-contrast film); every other one must be graded on its side.
 KNOWN_DETECTOR_MISSES = {("stage_1_0.jpg", "L")}
-DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
 
 
 def read_results(path: Path) -> list[dict[str, str]]:
@@ -294,20 +292,10 @@ def test_both_models_in_one_process_in_either_order(tmp_path, radiographs_dir, g
 
 
 def _write_dicom(path: Path, pixels: np.ndarray, with_pixels: bool = True, **elements) -> Path:
-    dataset = Dataset()
-    dataset.file_meta = FileMetaDataset()
-    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset.file_meta.MediaStorageSOPClassUID = DX_STORAGE
-    dataset.SOPClassUID = DX_STORAGE
-    dataset.Modality = "DX"
-    dataset.set_pixel_data(pixels, "MONOCHROME2", 16 if pixels.dtype == np.uint16 else 8)
-    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
-    for keyword, value in elements.items():
-        setattr(dataset, keyword, value)
+    dataset = make_dicom(pixels, "MONOCHROME2", 16 if pixels.dtype == np.uint16 else 8, **elements)
     if not with_pixels:
         del dataset.PixelData
-    dataset.save_as(path, enforce_file_format=True)
-    return path
+    return save_dicom(dataset, path)
 
 
 def _png_header_only(width: int, height: int) -> bytes:
