@@ -29,6 +29,7 @@ class Grader:
         self.path = path
         self.precision = precision
         self.version = f"{path.name}@{file_digest(path)}"
+        self._feature_model = None
 
     @classmethod
     def load(cls, path: str | Path | None = None, precision: str = "float32") -> Grader:
@@ -81,8 +82,10 @@ class Grader:
         import tensorflow as tf
 
         keras = import_keras()
-        backbone = next(layer for layer in self.model.layers if isinstance(layer, keras.Model))
-        feature_model = keras.Model(backbone.inputs, backbone.get_layer("block14_sepconv2_act").output)
+        if self._feature_model is None:  # built once: the report asks for a map per knee
+            backbone = next(layer for layer in self.model.layers if isinstance(layer, keras.Model))
+            self._feature_model = keras.Model(backbone.inputs, backbone.get_layer("block14_sepconv2_act").output)
+        feature_model = self._feature_model
         x = tf.convert_to_tensor(self.prepare([crop]))
         with tf.GradientTape() as tape:
             scaled = self.model.get_layer("scale")(x)
