@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from kneepipe.grade.calibration import apply_temperature, fit_temperature, temperature_nll
-from kneepipe.grade.prior import estimate_prior_em, parse_prior, resample_to_counts, reweight
+from kneepipe.grade.folder import adjust_for_prior, prior_summary
+from kneepipe.grade.prior import estimate_prior_em, parse_prior, prior_shift_test, resample_to_counts, reweight
 from kneepipe.metrics import expected_calibration_error
 
 # The clinic of the issue: 63/199/139/84/46 knees of KL 0-4.
@@ -145,3 +146,50 @@ def test_bias_corrected_scaling_restores_an_underpredicted_grade():
     assert (before == 1).sum() < 0.5 * (grades == 1).sum()
     assert abs((after == 1).sum() - (grades == 1).sum()) < 0.2 * (grades == 1).sum()
     assert bias[1] > 1.5 and abs(bias.sum()) < 1e-6
+
+
+def _prior_config(**overrides):
+    from kneepipe.config import load_config
+    from kneepipe.grade.config import GradeConfig
+
+    return load_config(GradeConfig, None, {"adapt_prior": True, **overrides})
+
+
+def test_likelihood_ratio_test_separates_a_real_shift_from_batch_noise():
+    train_prior = TRAIN_COUNTS / TRAIN_COUNTS.sum()
+    # Noise 1.0: neighbouring grades overlap as KL0 and KL1 do, so EM's estimate on an
+    # unshifted batch of val's size wanders; the test must call that noise.
+    p_values = []
+    for seed in range(20):
+        _, probabilities = _gaussian_grader(train_prior, 826, seed=100 + seed)
+        prior, _ = estimate_prior_em(probabilities, train_prior)
+        p_values.append(prior_shift_test(probabilities, train_prior, prior)[1])
+    assert sum(p < 0.01 for p in p_values) <= 1  # about 1 in 100 expected under no shift
+    grades, probabilities = _gaussian_grader(train_prior, 20000, seed=4)
+    clinic = resample_to_counts(grades, CLINIC_COUNTS, seed=0)
+    prior, _ = estimate_prior_em(probabilities[clinic], train_prior)
+    statistic, p_value = prior_shift_test(probabilities[clinic], train_prior, prior)
+    assert p_value < 1e-6 and statistic > 30
+
+
+def test_adjust_for_prior_applies_the_em_prior_only_for_a_significant_shift():
+    train_prior = TRAIN_COUNTS / TRAIN_COUNTS.sum()
+    grades, probabilities = _gaussian_grader(train_prior, 20000, seed=4)
+    unshifted = probabilities[:826]
+    kept, facts = adjust_for_prior(unshifted, train_prior, _prior_config())
+    assert facts["prior_test"]["applied"] is False and facts["prior_test"]["n"] == 826
+    np.testing.assert_array_equal(kept, unshifted)
+    assert "no significant shift" in prior_summary(facts)
+    # alpha 1.0 always applies the estimate, whatever the test says.
+    forced, facts = adjust_for_prior(unshifted, train_prior, _prior_config(adapt_prior_alpha=1.0))
+    assert facts["prior_test"]["applied"] is True and not np.array_equal(forced, unshifted)
+
+    clinic = resample_to_counts(grades, CLINIC_COUNTS, seed=0)
+    adjusted, facts = adjust_for_prior(probabilities[clinic], train_prior, _prior_config())
+    assert facts["prior_test"]["applied"] is True
+    assert "shift significant" in prior_summary(facts)
+    accuracy_plain = (probabilities[clinic].argmax(1) == grades[clinic]).mean()
+    assert (adjusted.argmax(1) == grades[clinic]).mean() > accuracy_plain + 0.03
+    # A known prior is applied as given, with no test.
+    given, facts = adjust_for_prior(unshifted, train_prior, _prior_config(adapt_prior=False, prior="1,1,1,1,1"))
+    assert "prior_test" not in facts and not np.array_equal(given, unshifted)

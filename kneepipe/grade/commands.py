@@ -44,7 +44,7 @@ def grade(
         fail(f"{crops}: no such file or folder")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from kneepipe.grade.folder import grade_folder
+    from kneepipe.grade.folder import grade_folder, prior_summary
     from kneepipe.grade.predict import Grader
     from kneepipe.metrics import format_metrics
 
@@ -68,12 +68,9 @@ def grade(
     console.print(f"graded {graded} crops with {grader.version} -> {out / 'grades.csv'}")
     for row in run.refused:
         console.print(f"[yellow]refused[/] {row['crop']}: {row['message']}")
-    priors = run.priors
-    if "estimated_prior" in priors or "given_prior" in priors:
-        label = "estimated" if "estimated_prior" in priors else "given"
-        console.print(f"training prior : {priors['train_prior']}")
-        adapted = priors.get("estimated_prior") or priors["given_prior"]
-        console.print(f"{label} prior{' ' * (6 - len(label))}: {adapted}")
+    summary = prior_summary(run.priors)
+    if summary:
+        console.print(f"grade prior: {summary}")
     if run.metrics:
         m = run.metrics
         console.print(f"[bold]true vs predicted grade counts (KL0-4): {m['true_counts']} vs {m['predicted_counts']}[/]")

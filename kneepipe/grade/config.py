@@ -20,6 +20,7 @@ class GradeConfig:
     precision: str = field(metadata=rule(choices=["float32", "bfloat16"]))
     calibrated: bool
     adapt_prior: bool
+    adapt_prior_alpha: float = field(metadata=rule(range=(0, 1)))
     prior: str | None
 
     # Training.

@@ -42,19 +42,52 @@ def adjust_for_prior(
     train_prior: np.ndarray,
     config: GradeConfig,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Regrade with a known prior (``config.prior``) or one estimated by EM (``adapt_prior``)."""
+    """Regrade with a known prior (``config.prior``) or one estimated by EM (``adapt_prior``).
+
+    The EM estimate is applied only when the likelihood-ratio test rejects the training
+    prior at ``config.adapt_prior_alpha``; otherwise the batch keeps its probabilities,
+    and the facts say so (``prior_test``). A known prior is always applied.
+    """
     facts: dict[str, Any] = {"train_prior": np.round(train_prior, 4).tolist()}
     if not (config.prior or config.adapt_prior) or not len(probabilities):
         return probabilities, facts
-    from kneepipe.grade.prior import estimate_prior_em, parse_prior, reweight
+    from kneepipe.grade.prior import estimate_prior_em, parse_prior, prior_shift_test, reweight
 
     if config.prior:
         prior = parse_prior(config.prior)
         facts["given_prior"] = np.round(prior, 4).tolist()
         return reweight(probabilities, train_prior, prior), facts
     prior, adjusted = estimate_prior_em(probabilities, train_prior)
+    statistic, p_value = prior_shift_test(probabilities, train_prior, prior)
+    shifted = p_value < config.adapt_prior_alpha
     facts["estimated_prior"] = np.round(prior, 4).tolist()
-    return adjusted, facts
+    facts["prior_test"] = {
+        "statistic": round(statistic, 3),
+        "p_value": float(f"{p_value:.4g}"),
+        "alpha": config.adapt_prior_alpha,
+        "n": len(probabilities),
+        "applied": bool(shifted),
+    }
+    return (adjusted if shifted else probabilities), facts
+
+
+def prior_summary(priors: dict[str, Any]) -> str | None:
+    """One line on how the batch's grade prior was handled, or None when it was not touched."""
+    if "given_prior" in priors:
+        return f"regraded with the given prior {priors['given_prior']} (training prior {priors['train_prior']})"
+    if "estimated_prior" not in priors:
+        return None
+    test = priors["prior_test"]
+    verdict = (
+        "shift significant: regraded with the estimated prior"
+        if test["applied"]
+        else "no significant shift: graded with the training prior"
+    )
+    return (
+        f"batch prior estimated by EM {priors['estimated_prior']} vs training prior {priors['train_prior']}; "
+        f"likelihood-ratio test on {test['n']} knees: chi2(4) = {test['statistic']}, p = {test['p_value']:.3g} "
+        f"(alpha {test['alpha']}): {verdict}"
+    )
 
 
 def grade_folder(

@@ -9,7 +9,12 @@ from the unlabelled batch itself by the EM algorithm of Saerens, Latinne and
 Decaestecker (2002), "Adjusting the outputs of a classifier to new a priori
 probabilities: a simple procedure", Neural Computation 14(1).
 
-EM needs calibrated probabilities (see :mod:`kneepipe.grade.calibration`). Pure numpy.
+EM needs calibrated probabilities (see :mod:`kneepipe.grade.calibration`), and its
+estimate is noisy on a small or weakly separable batch: the maximum-likelihood prior can
+wander far from the truth when two grades (KL0 and KL1) overlap. So the estimate is
+only used when the batch gives significant evidence of a shift: the likelihood-ratio
+test of the same paper (section 2.3) compares the batch's likelihood under the EM prior
+with that under the training prior. Pure numpy and scipy.
 
 >>> import numpy as np
 >>> p = np.array([[0.6, 0.4, 0, 0, 0], [0.3, 0.7, 0, 0, 0]])
@@ -118,6 +123,45 @@ def estimate_prior_em(
         if change < tol:
             break
     return prior, reweight(probabilities, train_prior, prior)
+
+
+def batch_log_likelihood(probabilities: np.ndarray, train_prior: np.ndarray, prior: np.ndarray) -> float:
+    """Log-likelihood of a batch under a grade prior, up to a constant that does not depend on it.
+
+    ``sum_i log sum_k p(k | x_i) * prior[k] / train_prior[k]``: the mixture likelihood
+    EM maximises (Saerens et al. 2002, eq. 2.9).
+    """
+    probabilities = _check_probabilities(probabilities)
+    ratio = _check_prior(prior, "prior") / _check_prior(train_prior, "train_prior")
+    return float(np.log(np.clip((probabilities * ratio).sum(axis=1), 1e-300, None)).sum())
+
+
+def prior_shift_test(probabilities: np.ndarray, train_prior: np.ndarray, prior: np.ndarray) -> tuple[float, float]:
+    """Likelihood-ratio test of "the batch follows the training prior" against an estimated prior.
+
+    The statistic ``2 * (log L(prior) - log L(train_prior))`` is asymptotically
+    chi-squared with 4 degrees of freedom (five grade shares summing to one) when the
+    batch's prior is the training one (Saerens et al. 2002, section 2.3). A small
+    p-value says the shift is real; a large one says the EM estimate is within the noise
+    of the batch and regrading with it would follow noise.
+
+    Returns:
+        ``(statistic, p_value)``.
+
+    >>> import numpy as np
+    >>> p = np.array([[0.7, 0.3, 0, 0, 0], [0.3, 0.7, 0, 0, 0]] * 50)
+    >>> t = np.array([0.5, 0.5, 1e-9, 1e-9, 1e-9])
+    >>> statistic, p_value = prior_shift_test(p, t, t)
+    >>> statistic, p_value
+    (0.0, 1.0)
+    """
+    from scipy.stats import chi2
+
+    gain = batch_log_likelihood(probabilities, train_prior, prior) - batch_log_likelihood(
+        probabilities, train_prior, train_prior
+    )
+    statistic = max(2.0 * gain, 0.0)
+    return statistic, float(chi2.sf(statistic, df=NUM_GRADES - 1))
 
 
 def parse_prior(text: str) -> np.ndarray:

@@ -161,6 +161,7 @@ def run(
 def print_summary(result) -> None:
     """The end-of-run summary: what was read, graded and refused, the grades, and the metrics."""
     from kneepipe import KL_GRADES
+    from kneepipe.grade.folder import prior_summary
     from kneepipe.metrics import format_metrics
 
     s = result.summary
@@ -181,10 +182,9 @@ def print_summary(result) -> None:
             console.print(f"  [yellow]{row['status']}[/] {row['image']}: {row['message']}")
         if len(s["refused_files"]) > MAX_LISTED:
             console.print(f"  ... and {len(s['refused_files']) - MAX_LISTED} more (see results.csv)")
-    priors = s.get("priors", {})
-    if "estimated_prior" in priors or "given_prior" in priors:
-        adapted = priors.get("estimated_prior") or priors["given_prior"]
-        console.print(f"grade prior: training {priors['train_prior']} -> {adapted}")
+    prior_line = prior_summary(s.get("priors", {}))
+    if prior_line:
+        console.print(f"grade prior: {prior_line}")
     if result.metrics:
         m = result.metrics
         console.print(

@@ -429,11 +429,9 @@ def _settings(configs: dict[str, Any], stage: str, keys: Sequence[str]) -> str:
 
 
 def _prior_text(priors: dict[str, Any]) -> str:
-    if "given_prior" in priors:
-        return f"regraded with the given prior {priors['given_prior']}"
-    if "estimated_prior" in priors:
-        return f"regraded with the batch prior estimated by EM {priors['estimated_prior']}"
-    return "none (the grader's training prior)"
+    from kneepipe.grade.folder import prior_summary
+
+    return prior_summary(priors) or "none (the grader's training prior)"
 
 
 def _knee_html(record, knee, out_dir: Path, grader, with_gradcam: bool, truth_by_knee) -> str:
