@@ -20,6 +20,7 @@ from kneepipe.detect.predict import (
     DEFAULT_WEIGHTS,
     JOINTS_CSV_COLUMNS,
     JointDetector,
+    pair_partner,
     suppress_nested,
 )
 from kneepipe.imaging import Radiograph, read_radiograph
@@ -45,7 +46,9 @@ def _read_rows(path: Path) -> list[dict[str, str]]:
         return list(reader)
 
 
-@pytest.mark.parametrize("name", ["bilateral_0.png", "stage_2_7.jpg", "arthritis_7.jpg"])
+@pytest.mark.parametrize(
+    "name", ["bilateral_0.png", "stage_2_7.jpg", "arthritis_7.jpg", "stage_1_0.jpg", "stage_2_2.jpg"]
+)
 def test_finds_annotated_joints_with_their_sides(detector, annotations, radiographs_dir, name):
     detection = detector.detect([read_radiograph(radiographs_dir / name)])[0]
     truth = annotations[name]["joints"]
@@ -73,6 +76,25 @@ def test_nested_boxes_of_one_knee_become_one_joint():
     rows = np.array([[10, 10, 110, 110, 0.6, 0], [30, 30, 100, 100, 0.7, 1], [200, 10, 300, 110, 0.5, 1]])
     kept = suppress_nested(rows, 0.4)
     assert kept[:, 4].tolist() == [0.7, 0.5]
+
+
+def test_a_faint_second_knee_is_kept_only_beside_a_confident_one(detector):
+    main = np.array([100, 100, 200, 210, 0.6, 0])
+    partner = np.array([330, 120, 430, 225, 0.01, 1])
+    # Beside it at the same height and size: the other knee of a bilateral film.
+    assert pair_partner(main, partner[None]) is not None
+    kept = detector.select_boxes(np.array([main, partner]))
+    assert kept[:, 4].tolist() == [0.6, 0.01]
+    for name, faint in {
+        "too low on the film": [330, 300, 430, 410, 0.01, 1],
+        "too small": [330, 140, 380, 190, 0.01, 1],
+        "too far": [700, 120, 800, 225, 0.01, 1],
+        "overlapping": [150, 100, 250, 210, 0.01, 1],
+        "below pair_conf": [330, 120, 430, 225, 0.001, 1],
+    }.items():
+        assert len(detector.select_boxes(np.array([main, faint]))) == 1, name
+    # Without a confident knee, faint boxes stay unused (a foot, a lateral view).
+    assert len(detector.select_boxes(np.array([[330, 120, 430, 225, 0.01, 1]]))) == 0
 
 
 def test_boxes_are_in_source_pixels_when_the_image_was_shrunk(detector, radiographs_dir):

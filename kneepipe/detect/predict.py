@@ -96,6 +96,38 @@ def _side_by_side(a: np.ndarray, b: np.ndarray) -> bool:
     return dx > dy
 
 
+def pair_partner(main: np.ndarray, candidates: np.ndarray) -> np.ndarray | None:
+    """The most confident candidate that could be the other knee of ``main`` on a bilateral film.
+
+    On a standing AP/PA film the two knees sit at about the same height, at about the
+    same size, one to three knee widths apart. A candidate qualifies when its size is
+    within a factor 1.5 of ``main``'s (square root of the area), its centre is within
+    half a box height of ``main``'s vertically, and between one and four box widths away
+    horizontally. Rows are ``x1, y1, x2, y2, confidence, class``.
+
+    >>> main = np.array([100, 100, 200, 200, 0.6, 0])
+    >>> rows = np.array([[300, 110, 395, 205, 0.01, 1], [300, 400, 400, 500, 0.2, 1], [120, 90, 220, 190, 0.3, 0]])
+    >>> pair_partner(main, rows)[:4].tolist()
+    [300.0, 110.0, 395.0, 205.0]
+    """
+    width, height = main[2] - main[0], main[3] - main[1]
+    size = np.sqrt(width * height)
+    best = None
+    for row in candidates:
+        row_size = np.sqrt(max(row[2] - row[0], 0) * max(row[3] - row[1], 0))
+        dx = abs((row[0] + row[2]) - (main[0] + main[2])) / 2
+        dy = abs((row[1] + row[3]) - (main[1] + main[3])) / 2
+        if (
+            row_size > 0
+            and max(row_size / size, size / row_size) <= 1.5
+            and dy <= 0.5 * height
+            and width <= dx <= 4 * width
+            and (best is None or row[4] > best[4])
+        ):
+            best = row
+    return best
+
+
 @dataclass
 class JointDetector:
     """The knee-joint detector: radiographs in, joints (box, side, crop) out.
@@ -186,7 +218,7 @@ class JointDetector:
         results = self.model.predict(
             source=[cv2.cvtColor(image, cv2.COLOR_GRAY2BGR) for image in images],
             imgsz=self.config.imgsz,
-            conf=self.config.conf,
+            conf=min(self.config.conf, self.config.pair_conf),
             iou=self.config.iou,
             max_det=16,
             agnostic_nms=True,  # one joint is one knee, whichever side the model favours
@@ -194,10 +226,24 @@ class JointDetector:
             device="cpu",
             verbose=False,
         )
-        return [
-            suppress_nested(result.boxes.data.cpu().numpy().reshape(-1, 6), self.config.iou)[: self.config.max_det]
-            for result in results
-        ]
+        return [self.select_boxes(result.boxes.data.cpu().numpy().reshape(-1, 6)) for result in results]
+
+    def select_boxes(self, rows: np.ndarray) -> np.ndarray:
+        """The joints among one image's raw boxes (most confident first).
+
+        Boxes at ``conf`` or above are joints. When exactly one is, the most confident
+        box beside it that could be the other knee of a bilateral film
+        (:func:`pair_partner`) is kept from ``pair_conf`` up: the model is much less sure
+        of a knee on a dark or asymmetric film than of its partner.
+        """
+        rows = suppress_nested(rows, self.config.iou)
+        confident = rows[rows[:, 4] >= self.config.conf]
+        if len(confident) == 1 and self.config.max_det >= 2:
+            faint = rows[(rows[:, 4] < self.config.conf) & (rows[:, 4] >= self.config.pair_conf)]
+            partner = pair_partner(confident[0], faint)
+            if partner is not None:
+                confident = np.vstack([confident, partner])
+        return confident[: self.config.max_det]
 
     def to_detection(self, radiograph: Radiograph, boxes: np.ndarray) -> Detection:
         """Turn one image's raw boxes into joints: sides, square boxes, crops, source pixels.
