@@ -6,6 +6,7 @@ import csv
 import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import yaml
@@ -21,6 +22,7 @@ from kneepipe.detect.predict import (
     JOINTS_CSV_COLUMNS,
     JointDetector,
     pair_partner,
+    saturated_fraction,
     suppress_nested,
 )
 from kneepipe.imaging import Radiograph, read_radiograph
@@ -95,6 +97,27 @@ def test_a_faint_second_knee_is_kept_only_beside_a_confident_one(detector):
         assert len(detector.select_boxes(np.array([main, faint]))) == 1, name
     # Without a confident knee, faint boxes stay unused (a foot, a lateral view).
     assert len(detector.select_boxes(np.array([[330, 120, 430, 225, 0.01, 1]]))) == 0
+
+
+def test_a_box_stacked_above_or_below_a_knee_is_not_another_knee(detector):
+    knee = [100, 300, 200, 400, 0.6, 0]
+    shaft = [100, 60, 200, 165, 0.3, 0]  # same leg, higher up: confident but stacked
+    other_knee = [330, 300, 430, 400, 0.2, 1]
+    kept = detector.select_boxes(np.array([knee, shaft, other_knee]))
+    assert kept[:, 4].tolist() == [0.6, 0.2]
+    # The stacked box gone, the faint partner beside the knee is found by the pairing rule.
+    kept = detector.select_boxes(np.array([knee, shaft, [330, 300, 430, 400, 0.01, 1]]))
+    assert kept[:, 4].tolist() == [0.6, 0.01]
+
+
+def test_white_padding_is_not_over_exposure():
+    film = np.full((400, 600), 90, np.uint8)
+    film[::7, ::5] = 40  # texture, so the content is not uniform
+    padded = cv2.copyMakeBorder(film, 120, 0, 200, 40, cv2.BORDER_CONSTANT, value=255)
+    assert np.mean(padded >= 250) > 0.3 and saturated_fraction(padded) == 0.0
+    burnt = padded.copy()
+    burnt[170:370, 300:600] = 255  # a quarter of the film itself saturated
+    assert saturated_fraction(burnt) == pytest.approx(0.25, abs=0.02)
 
 
 def test_boxes_are_in_source_pixels_when_the_image_was_shrunk(detector, radiographs_dir):

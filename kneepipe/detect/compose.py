@@ -103,20 +103,22 @@ def _render_leg(
     canvas_shape: tuple[int, int],
     center: tuple[float, float],
     box_side: float,
+    max_tilt: float = 7.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draw one leg around a crop: returns (intensity, coverage) maps of the canvas.
 
     The crop fills the square ``box_side`` around ``center``. Above and below it the
     femur and the tibia (with the fibula on the lateral side) continue as tapering
     shafts whose brightness is taken from the crop's outer rows; sideways the soft
-    tissue falls off like the path length through a cylinder.
+    tissue falls off like the path length through a cylinder. The leg is tilted by up
+    to ``max_tilt`` degrees.
     """
     height, width = canvas_shape
     cx, cy = center
     s = box_side
     scale = CROP_SIZE / s
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    tilt = math.radians(rng.uniform(-7, 7))
+    tilt = math.radians(rng.uniform(-max_tilt, max_tilt))
     cos_t, sin_t = math.cos(tilt), math.sin(tilt)
     dx, dy = xs - cx, ys - cy
     # Leg coordinates in canvas pixels: u across the leg, v along it.
@@ -212,8 +214,17 @@ def compose_radiograph(
     rng: np.random.Generator,
     knees: Sequence[tuple[np.ndarray, str, int, Path]],
     long_side: int,
+    faithful: bool = False,
 ) -> tuple[np.ndarray, list[PlacedKnee]]:
     """Build one pseudo-radiograph from one or two crops.
+
+    The detector's training films vary everything a real film varies: leg tilt, film
+    rotation, exposure (contrast, brightness, gamma), blur, noise, markers, the
+    positioning frame and a collimator band. A ``faithful`` film keeps the crops'
+    pixels inside their boxes as they are (only resampled to the box size): no tilt,
+    rotation, exposure change, blur, noise or overlays, and the leg is blended in
+    without brightening the crop. It is for measuring what detection and re-cropping
+    cost the grader, apart from what film variation costs it.
 
     Args:
         rng: the random generator (all variety comes from it).
@@ -221,6 +232,7 @@ def compose_radiograph(
             right knee goes on the image's left, as on a standing AP film. Crops are
             used as given (mirror them beforehand to swap a side).
         long_side: the composite's longer side in pixels.
+        faithful: keep the crops' pixels inside their boxes (see above).
 
     Returns:
         The ``uint8`` grayscale composite and its knees with square boxes.
@@ -250,14 +262,26 @@ def compose_radiograph(
     film = np.full((height, width), background, np.float32) + gradient
 
     placed: list[PlacedKnee] = []
+    knee_pixels: list[np.ndarray] = []
     for (crop, side, kl_grade, source), x in zip(knees, xs, strict=True):
         y = cy + (rng.uniform(-0.1, 0.1) * s if bilateral else 0.0)
         knee_side = s * rng.uniform(0.93, 1.07) if bilateral else s
-        intensity, coverage = _render_leg(rng, crop, side, (height, width), (x, y), knee_side)
-        film = np.maximum(film, film * (1 - coverage) + intensity * coverage)
+        intensity, coverage = _render_leg(
+            rng, crop, side, (height, width), (x, y), knee_side, max_tilt=0.0 if faithful else 7.0
+        )
+        blended = film * (1 - coverage) + intensity * coverage
+        film = blended if faithful else np.maximum(film, blended)
         half = knee_side / 2
         placed.append(PlacedKnee(side, (x - half, y - half, x + half, y + half), kl_grade, source))
+        knee_pixels.append(intensity)
+    if faithful:  # each crop wins inside its own box, over the other leg's soft tissue
+        for knee, intensity in zip(placed, knee_pixels, strict=True):
+            x1, y1, x2, y2 = (int(round(v)) for v in knee.box)
+            film[max(0, y1) : y2, max(0, x1) : x2] = intensity[max(0, y1) : y2, max(0, x1) : x2]
 
+    if faithful:
+        image = np.clip(np.rint(film), 0, 255).astype(np.uint8)
+        return _pad(rng, image, placed) if rng.random() < 0.3 else (image, placed)
     if bilateral and rng.random() < 0.35:
         _draw_positioning_frame(rng, film, (xs[0] + xs[1]) / 2, s)
     if rng.random() < 0.25:  # an over-exposed collimator band along one border

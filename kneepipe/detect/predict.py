@@ -89,6 +89,28 @@ def suppress_nested(rows: np.ndarray, overlap: float) -> np.ndarray:
     return np.array(kept).reshape(-1, 6)
 
 
+def saturated_fraction(pixels: np.ndarray, step: int = 4) -> float:
+    """Share of a film's pixels at near-white, over its content, not its uniform padding.
+
+    Scanners and exports pad films with uniform borders, white ones included; those are
+    not over-exposure. Outer rows and columns that are uniform (on a grid of every
+    ``step``-th pixel) are left out before counting, so a saturated band running the
+    full width or height along a border is not counted either; saturation within the
+    film is.
+
+    >>> film = np.full((100, 100), 255, np.uint8)
+    >>> film[20:80, 20:80] = 100
+    >>> saturated_fraction(film)
+    0.0
+    """
+    grid = pixels[::step, ::step]
+    rows = np.flatnonzero(np.ptp(grid, axis=1) > 2)
+    columns = np.flatnonzero(np.ptp(grid, axis=0) > 2)
+    if len(rows) and len(columns):
+        pixels = pixels[rows[0] * step : (rows[-1] + 1) * step, columns[0] * step : (columns[-1] + 1) * step]
+    return float(np.mean(pixels >= _NEAR_WHITE))
+
+
 def _side_by_side(a: np.ndarray, b: np.ndarray) -> bool:
     """Whether two boxes sit next to each other (their centres further apart in x than y)."""
     dx = abs((a[0] + a[2]) - (b[0] + b[2])) / 2
@@ -189,7 +211,7 @@ class JointDetector:
         to_run = []
         for index, radiograph in enumerate(radiographs):
             view = (radiograph.view or "").strip().upper()
-            white = float(np.mean(radiograph.pixels >= _NEAR_WHITE))
+            white = saturated_fraction(radiograph.pixels)
             if view in LATERAL_VIEWS:
                 detections[index] = Detection(
                     radiograph.path,
@@ -231,13 +253,20 @@ class JointDetector:
     def select_boxes(self, rows: np.ndarray) -> np.ndarray:
         """The joints among one image's raw boxes (most confident first).
 
-        Boxes at ``conf`` or above are joints. When exactly one is, the most confident
-        box beside it that could be the other knee of a bilateral film
-        (:func:`pair_partner`) is kept from ``pair_conf`` up: the model is much less sure
-        of a knee on a dark or asymmetric film than of its partner.
+        Boxes at ``conf`` or above are joints, except one stacked above or below a more
+        confident joint (two knees on one film are side by side). When one joint is
+        left, the most confident box beside it that could be the other knee of a
+        bilateral film (:func:`pair_partner`) is kept from ``pair_conf`` up: the model
+        is much less sure of a knee on a dark or asymmetric film than of its partner.
         """
         rows = suppress_nested(rows, self.config.iou)
-        confident = rows[rows[:, 4] >= self.config.conf]
+        confident: list[np.ndarray] = []
+        for row in rows[rows[:, 4] >= self.config.conf]:
+            # Knees on one film sit side by side; a box above or below a kept knee is
+            # a shaft or the same leg boxed again, not another knee.
+            if all(_side_by_side(row, kept) for kept in confident):
+                confident.append(row)
+        confident = np.array(confident).reshape(-1, 6)
         if len(confident) == 1 and self.config.max_det >= 2:
             faint = rows[(rows[:, 4] < self.config.conf) & (rows[:, 4] >= self.config.pair_conf)]
             partner = pair_partner(confident[0], faint)
