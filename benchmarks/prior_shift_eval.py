@@ -4,7 +4,8 @@ Resamples the val crops to a clinic's grade counts (default 63/199/139/84/46 of 
 with replacement only where a grade runs short, fixed seed), lays the resample out as a
 labelled folder of links (``<grade>/<n>_<crop>``), then grades it with ``kneepipe grade``
 plain and with ``--adapt-prior``; and grades val itself both ways, to show adaptation
-does not hurt when there is no shift.
+does not hurt when there is no shift (the likelihood-ratio test should then keep the
+training prior).
 
     python benchmarks/prior_shift_eval.py [--model GRADER.npz] [--counts 63,199,139,84,46] [--seed 0]
 """
@@ -59,10 +60,16 @@ def main() -> None:
                 rows.append((name, "adapt-prior" if adapt else "plain", m))
     print(f"clinic counts KL0-4: {counts.tolist()} (seed {args.seed})")
     for name, mode, m in rows:
-        prior = m.get("estimated_prior")
+        prior, test = m.get("estimated_prior"), m.get("prior_test")
         print(
             f"{name:>31} {mode:>11}: accuracy {m['accuracy']:.4f}  QWK {m['qwk']:.4f}  MAE {m['mae']:.4f}  "
-            f"predicted {m['predicted_counts']}" + (f"  estimated prior {prior}" if prior else "")
+            f"predicted {m['predicted_counts']}"
+            + (f"  estimated prior {prior}" if prior else "")
+            + (
+                f"  likelihood-ratio p = {test['p_value']:.3g}: {'applied' if test['applied'] else 'not applied'}"
+                if test
+                else ""
+            )
         )
     print(f"training prior: {rows[1][2]['train_prior']}")
 
