@@ -27,8 +27,6 @@ The audit makes that visible before training:
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import re
 import time
@@ -42,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from kneepipe.audit.config import AuditConfig
-from kneepipe.files import write_atomic
+from kneepipe.files import write_csv_atomic
 
 EXACT_COPY = "exact_copy"
 NEAR_COPY = "near_copy"
@@ -420,10 +418,13 @@ def write_leakage_csv(pairs: Sequence[LeakagePair], path: str | os.PathLike) -> 
     """Write ``file_a,file_b,kind,distance`` rows (atomically: a reader never sees half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for pair in pairs:
-        distance = "" if pair.distance is None else f"{pair.distance:.4f}"
-        writer.writerow([str(pair.file_a), str(pair.file_b), pair.kind, distance])
-    return write_atomic(path, buffer.getvalue())
+    rows = (
+        {
+            "file_a": str(pair.file_a),
+            "file_b": str(pair.file_b),
+            "kind": pair.kind,
+            "distance": "" if pair.distance is None else f"{pair.distance:.4f}",
+        }
+        for pair in pairs
+    )
+    return write_csv_atomic(path, CSV_COLUMNS, rows)

@@ -20,7 +20,6 @@ can use the folder as its data.
 from __future__ import annotations
 
 import csv
-import io
 import os
 import re
 from collections import defaultdict
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from kneepipe import KL_GRADES
+from kneepipe.files import write_csv_atomic
 
 PART_NAMES = ("train", "val", "test")
 SPLIT_COLUMNS = ("file", "part", "kl_grade", "patient_id", "side")
@@ -186,15 +186,15 @@ def split_dataset(
     part_of = assign_parts(crops, fractions, seed)
     parts = {name: PartSummary() for name, share in zip(PART_NAMES, fractions, strict=True) if share > 0}
     patients_seen: dict[str, set[str]] = defaultdict(set)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(SPLIT_COLUMNS)
+    rows: list[dict[str, object]] = []
     used: set[Path] = set()
     for crop in sorted(crops, key=lambda c: (part_of[c.patient_id or str(c.path)], c.kl_grade, str(c.path))):
         key = crop.patient_id or str(crop.path)
         part = part_of[key]
         source = crop.path.resolve()
-        writer.writerow([str(source), part, crop.kl_grade, crop.patient_id, crop.side])
+        rows.append(
+            dict(zip(SPLIT_COLUMNS, (str(source), part, crop.kl_grade, crop.patient_id, crop.side), strict=True))
+        )
         summary = parts[part]
         summary.knees += 1
         summary.grade_counts[crop.kl_grade] += 1
@@ -205,8 +205,7 @@ def split_dataset(
             target.symlink_to(source)
     for part, keys in patients_seen.items():
         parts[part].patients = len(keys)
-    split_csv = out_dir / "split.csv"
-    split_csv.write_text(buffer.getvalue())
+    split_csv = write_csv_atomic(out_dir / "split.csv", SPLIT_COLUMNS, rows)
     return SplitSummary(
         out_dir=out_dir,
         split_csv=split_csv,

@@ -273,7 +273,8 @@ def compose_radiograph(
         film = blended if faithful else np.maximum(film, blended)
         half = knee_side / 2
         placed.append(PlacedKnee(side, (x - half, y - half, x + half, y + half), kl_grade, source))
-        knee_pixels.append(intensity)
+        if faithful:
+            knee_pixels.append(intensity)
     if faithful:  # each crop wins inside its own box, over the other leg's soft tissue
         for knee, intensity in zip(placed, knee_pixels, strict=True):
             x1, y1, x2, y2 = (int(round(v)) for v in knee.box)

@@ -111,10 +111,14 @@ def saturated_fraction(pixels: np.ndarray, step: int = 4) -> float:
     return float(np.mean(pixels >= _NEAR_WHITE))
 
 
+def _centre_offset(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Horizontal and vertical distance between two boxes' centres."""
+    return abs((a[0] + a[2]) - (b[0] + b[2])) / 2, abs((a[1] + a[3]) - (b[1] + b[3])) / 2
+
+
 def _side_by_side(a: np.ndarray, b: np.ndarray) -> bool:
     """Whether two boxes sit next to each other (their centres further apart in x than y)."""
-    dx = abs((a[0] + a[2]) - (b[0] + b[2])) / 2
-    dy = abs((a[1] + a[3]) - (b[1] + b[3])) / 2
+    dx, dy = _centre_offset(a, b)
     return dx > dy
 
 
@@ -137,8 +141,7 @@ def pair_partner(main: np.ndarray, candidates: np.ndarray) -> np.ndarray | None:
     best = None
     for row in candidates:
         row_size = np.sqrt(max(row[2] - row[0], 0) * max(row[3] - row[1], 0))
-        dx = abs((row[0] + row[2]) - (main[0] + main[2])) / 2
-        dy = abs((row[1] + row[3]) - (main[1] + main[3])) / 2
+        dx, dy = _centre_offset(row, main)
         if (
             row_size > 0
             and max(row_size / size, size / row_size) <= 1.5
@@ -211,7 +214,6 @@ class JointDetector:
         to_run = []
         for index, radiograph in enumerate(radiographs):
             view = (radiograph.view or "").strip().upper()
-            white = saturated_fraction(radiograph.pixels)
             if view in LATERAL_VIEWS:
                 detections[index] = Detection(
                     radiograph.path,
@@ -219,7 +221,7 @@ class JointDetector:
                     STATUS_NOT_GRADABLE_VIEW,
                     f"view position {radiograph.view} is a lateral view; KL grading needs AP/PA",
                 )
-            elif white > self.config.overexposed_fraction:
+            elif (white := saturated_fraction(radiograph.pixels)) > self.config.overexposed_fraction:
                 detections[index] = Detection(
                     radiograph.path,
                     (),

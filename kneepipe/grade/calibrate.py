@@ -24,8 +24,9 @@ def calibrate_grader(path: str | Path, config: GradeConfig) -> float:
     _, val = load_training_data(config)
     grader = Grader.load(path)
     probabilities = probabilities_from_logits(grader.predict_logits(val.crops, config.batch), grader.preprocessing.head)
-    temperature, bias = fit_temperature_and_bias(np.log(np.clip(probabilities, 1e-12, 1.0)), val.kl_grades)
-    calibrated = probabilities_from_logits(np.log(np.clip(probabilities, 1e-12, 1.0)), "softmax", temperature, bias)
+    log_probabilities = np.log(np.clip(probabilities, 1e-12, 1.0))
+    temperature, bias = fit_temperature_and_bias(log_probabilities, val.kl_grades)
+    calibrated = probabilities_from_logits(log_probabilities, "softmax", temperature, bias)
     # The decision rule with the better val QWK, the criterion the epoch was selected on.
     qwk = {
         rule: grading_metrics(val.kl_grades, calibrated, decide_grades(calibrated, rule))["qwk"]

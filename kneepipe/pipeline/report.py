@@ -27,6 +27,7 @@ import yaml
 
 from kneepipe import KL_GRADES, __version__
 from kneepipe.files import write_atomic
+from kneepipe.grade.folder import prior_summary
 from kneepipe.joints import STATUS_OK
 
 SIDE_COLOURS = {"R": (255, 140, 0), "L": (0, 200, 255)}  # BGR: blue-ish right, amber left
@@ -360,7 +361,7 @@ def write_report(run, pipeline_cfg, grader, configs: dict[str, Any]) -> Path:
         f"<h2>Radiographs ({min(len(shown), limit)} of {len(shown)} with knees)</h2>"
         "<p class=\"muted small\">Boxes: right knee blue, left knee amber; the patient's right knee is on the image's "
         "left on an AP view. Heat map: Grad-CAM of the grade given (red = what drove it most). "
-        f"Grade from the probabilities by the {html.escape(getattr(grader.preprocessing, 'decision', 'argmax'))} "
+        f"Grade from the probabilities by the {html.escape(grader.preprocessing.decision)} "
         "rule (see Models and configuration); its bar is red.</p>"
     )
     gradcams_left = pipeline_cfg.report_max_gradcam if pipeline_cfg.report_gradcam else 0
@@ -417,8 +418,7 @@ def write_report(run, pipeline_cfg, grader, configs: dict[str, Any]) -> Path:
 
 
 def _decision_text(preprocessing) -> str:
-    rule = getattr(preprocessing, "decision", "argmax")
-    if rule == "median":
+    if preprocessing.decision == "median":
         return "median: the grade at which the cumulative probability passes 50% (respects the ordinal scale)"
     return "argmax: the most probable grade"
 
@@ -429,8 +429,6 @@ def _settings(configs: dict[str, Any], stage: str, keys: Sequence[str]) -> str:
 
 
 def _prior_text(priors: dict[str, Any]) -> str:
-    from kneepipe.grade.folder import prior_summary
-
     return prior_summary(priors) or "none (the grader's training prior)"
 
 
