@@ -118,9 +118,19 @@ def config():
     return load_config(AuditConfig, overrides={"workers": 1})
 
 
-def test_every_transformed_copy_is_found_with_its_source(folders, config):
+@pytest.mark.parametrize(
+    ("search", "expected_search"),
+    [
+        ({"search": "exact"}, "exact"),
+        ({"search": "auto", "exact_search_limit": 0.0}, "hnsw"),  # auto: above the limit, the graph index
+    ],
+    ids=["exact", "auto-hnsw"],
+)
+def test_every_transformed_copy_is_found_with_its_source(folders, search, expected_search):
     root, copies, _ = folders
+    config = load_config(AuditConfig, overrides={"workers": 1, **search})
     report = audit_leakage(root / "A", root / "B_copies", config)
+    assert report.search == expected_search
     found = {(pair.file_a, pair.file_b): pair for pair in report.pairs}
     missed = []
     for copy, (source, name) in copies.items():

@@ -85,7 +85,8 @@ def audit(
     counts = report.counts()
     console.print(
         f"audited {report.images_b} images of {folder_b} against {report.images_a} of {folder_a} "
-        f"in {report.seconds:.1f} s ({report.verified_pairs} candidate pairs verified)"
+        f"in {report.seconds:.1f} s ({report.search} candidate search, "
+        f"{report.verified_pairs} candidate pairs verified)"
     )
     for kind, count in counts.items():
         shown = [pair for pair in report.pairs if pair.kind == kind][:_SHOWN_PER_KIND]

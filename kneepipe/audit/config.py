@@ -19,6 +19,8 @@ class AuditConfig:
     copy_correlation: float = field(metadata=rule(range=(0.0, 1.0)))
     candidates: int = field(metadata=rule(range=(1, 50)))
     candidate_similarity: float = field(metadata=rule(range=(-1.0, 1.0)))
+    search: str = field(metadata=rule(choices=["auto", "exact", "hnsw"]))
+    exact_search_limit: float = field(metadata=rule(range=(0.0, None)))
     patient_pattern: str | None
     max_side: int = field(metadata=rule(range=(64, 16384)))
     workers: int = field(metadata=rule(range=(0, 64)))
