@@ -121,3 +121,54 @@ def test_grade_cli_rejects_a_bad_config_value(tmp_path):
     result = CliRunner().invoke(app, ["grade", str(tmp_path), "--out", str(tmp_path / "o"), "batch=0"])
     assert result.exit_code == 2
     assert "batch" in result.output
+
+
+def test_train_average_writes_the_weight_mean_and_calibrates_it(tiny_run, oai_dir, tmp_path):
+    run_dir, _, _, _ = tiny_run
+    first = run_dir / "best.npz"
+    # A second grader of the same architecture: the classification layer (the last two arrays) moved by +0.5.
+    with np.load(first, allow_pickle=False) as archive:
+        arrays = {k: archive[k] for k in archive.files}
+    head = sorted(k for k in arrays if k != "kneepipe")[-2:]
+    moved = {k: (v.astype(np.float32) + 0.5).astype(np.float16) if k in head else v for k, v in arrays.items()}
+    second = tmp_path / "moved.npz"
+    np.savez_compressed(second, **moved)
+    out = tmp_path / "soup.npz"
+    config = tmp_path / "grade.yaml"
+    config.write_text(f"max_val_images: {TINY['max_val_images']}\n")
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "average",
+            str(first),
+            str(second),
+            "--out",
+            str(out),
+            "--data",
+            str(oai_dir),
+            "--config",
+            str(config),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    with np.load(out, allow_pickle=False) as archive:
+        for key, value in arrays.items():
+            if key != "kneepipe":
+                expected = (value.astype(np.float32) + moved[key].astype(np.float32)) / 2
+                np.testing.assert_allclose(archive[key].astype(np.float32), expected, rtol=2e-3, atol=2e-3)
+    record, source = read_preprocessing(out), read_preprocessing(first)
+    assert record.input_size == source.input_size and record.train_prior == source.train_prior
+    assert record.temperature != 1.0  # calibrated again on val after averaging
+
+
+def test_train_average_refuses_a_file_that_is_not_a_grader(tiny_run, tmp_path):
+    run_dir, _, _, _ = tiny_run
+    other = tmp_path / "other.npz"
+    np.savez(other, w0000=np.zeros(3))
+    result = CliRunner().invoke(
+        app, ["train", "average", str(run_dir / "best.npz"), str(other), "--out", str(tmp_path / "soup.npz")]
+    )
+    assert result.exit_code != 0
+    assert "other.npz: not a kneepipe grader file" in " ".join(result.output.split())
+    assert not (tmp_path / "soup.npz").exists()

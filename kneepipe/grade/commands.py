@@ -109,3 +109,23 @@ def train_grader(
         f"best: epoch {best.get('epoch')} val QWK {best.get('val_qwk')}; temperature {temperature:.3f} "
         f"fitted on val -> {out / 'best.npz'}"
     )
+
+
+def average_graders(
+    graders: Annotated[list[Path], typer.Argument(help="Two or more grader files (.npz) of one architecture.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The averaged grader file to write (.npz).")],
+    data: Annotated[str | None, typer.Option(help="Folder with train/ and val/ crops by grade.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Average the weights of fine-tuned graders (a model soup), then calibrate the result on val."""
+    from kneepipe.grade.calibrate import calibrate_grader
+    from kneepipe.grade.config import GradeConfig
+    from kneepipe.grade.model import average_graders as write_average
+
+    cfg = resolve_config(GradeConfig, config, None, {"data": data})
+    try:
+        write_average(graders, out)
+        temperature = calibrate_grader(out, cfg)
+    except (FileNotFoundError, ValueError) as err:
+        fail(str(err))
+    console.print(f"averaged {len(graders)} graders; temperature {temperature:.3f} fitted on val -> {out}")
