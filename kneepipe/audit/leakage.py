@@ -238,7 +238,6 @@ def _run(
 
 def _nearest(queries: np.ndarray, index: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` cosine neighbours in ``index`` of each query (unit vectors), best first."""
-    k = min(k, len(index))
     neighbours = np.empty((len(queries), k), dtype=np.int64)
     similarities = np.empty((len(queries), k), dtype=np.float32)
     for start in range(0, len(queries), _SCAN_BLOCK):
@@ -255,7 +254,6 @@ def _nearest_hnsw(queries: np.ndarray, index: np.ndarray, k: int) -> tuple[np.nd
     """Approximate top-``k`` inner-product neighbours from an HNSW graph over ``index``, best first."""
     import faiss
 
-    k = min(k, len(index))
     graph = faiss.IndexHNSWFlat(index.shape[1], _HNSW_LINKS, faiss.METRIC_INNER_PRODUCT)
     graph.hnsw.efConstruction = _HNSW_EF_CONSTRUCTION
     graph.add(np.ascontiguousarray(index, dtype=np.float32))
@@ -271,6 +269,7 @@ def candidate_search(queries: np.ndarray, index: np.ndarray, k: int, search: str
         ``(neighbours, similarities, method)``: index rows and similarities, best first,
         and the search that ran (``exact`` or ``hnsw``).
     """
+    k = min(k, len(index))
     if search == "auto":
         search = "exact" if len(queries) * len(index) <= exact_limit else "hnsw"
     found = _nearest(queries, index, k) if search == "exact" else _nearest_hnsw(queries, index, k)

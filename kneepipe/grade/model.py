@@ -188,25 +188,28 @@ def average_graders(paths: Sequence[str | Path], out: str | Path) -> Path:
     """
     if len(paths) < 2:
         raise ValueError("averaging needs at least two grader files")
-    records, weights = [], []
-    for path in paths:
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                records.append(Preprocessing.from_json(str(archive["kneepipe"])))
-                weights.append(
-                    [archive[k].astype(np.float32) for k in sorted(k for k in archive.files if k != "kneepipe")]
-                )
-        except (OSError, ValueError, KeyError) as err:
-            raise ValueError(f"{path}: not a kneepipe grader file ({err})") from err
+    records, weights = zip(*(_read_grader_file(path) for path in paths), strict=True)
     first = records[0]
+    shapes = [w.shape for w in weights[0]]
     for path, record, arrays in zip(paths[1:], records[1:], weights[1:], strict=True):
-        if (record.head, record.channels) != (first.head, first.channels) or [a.shape for a in arrays] != [
-            a.shape for a in weights[0]
-        ]:
+        same = (record.head, record.channels) == (first.head, first.channels) and [w.shape for w in arrays] == shapes
+        if not same:
             raise ValueError(f"{path}: a different architecture from {paths[0]} (head, channels or weight shapes)")
-    averaged = [np.mean([arrays[i] for arrays in weights], axis=0) for i in range(len(weights[0]))]
+    averaged = [np.mean(layer, axis=0) for layer in zip(*weights, strict=True)]
     uncalibrated = dataclasses.replace(first, temperature=1.0, class_bias=(0.0,) * len(first.class_bias))
     return _write_grader_file(averaged, uncalibrated, out)
+
+
+def _read_grader_file(path: str | Path) -> tuple[Preprocessing, list[np.ndarray]]:
+    """The preprocessing record and the float32 weights (in layer order) of a grader file."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            preprocessing = Preprocessing.from_json(str(archive["kneepipe"]))
+            return preprocessing, [
+                archive[k].astype(np.float32) for k in sorted(k for k in archive.files if k.startswith("w"))
+            ]
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{path}: not a kneepipe grader file ({err})") from err
 
 
 def read_preprocessing(path: str | Path) -> Preprocessing:
@@ -218,15 +221,7 @@ def read_preprocessing(path: str | Path) -> Preprocessing:
 def load_grader(path: str | Path, dtype: str = "float32"):
     """Rebuild the network of a grader file and load its weights. Returns ``(model, preprocessing)``."""
     keras = import_keras()
-    path = Path(path)
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: not a kneepipe grader file ({err})") from err
-    with archive:
-        preprocessing = Preprocessing.from_json(str(archive["kneepipe"]))
-        names = sorted(k for k in archive.files if k.startswith("w"))
-        weights = [archive[k].astype(np.float32) for k in names]
+    preprocessing, weights = _read_grader_file(path)
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(dtype)
     try:
