@@ -110,6 +110,39 @@ def test_a_box_stacked_above_or_below_a_knee_is_not_another_knee(detector):
     assert kept[:, 4].tolist() == [0.6, 0.01]
 
 
+def test_a_film_with_a_faint_joint_is_detected_again_after_equalisation(detector, radiographs_dir, monkeypatch):
+    film = read_radiograph(radiographs_dir / "bilateral_0.png").pixels
+    films = [np.ascontiguousarray(film[:, : film.shape[1] - k]) for k in range(3)]  # told apart by width
+    right, left = [100, 300, 300, 500, 0.8, 0], [500, 300, 700, 500, 0.6, 1]
+    shaft = [500, 20, 700, 220, 0.2, 1]  # the faint knee's leg boxed too high
+    first = {films[0].shape: [right, shaft], films[1].shape: [right, left], films[2].shape: []}
+    second = {"rows": [right, left]}
+    calls: list[list[bool]] = []
+
+    def fake_select(images):
+        equalised = [all(image is not f for f in films) for image in images]
+        calls.append(equalised)
+        return [
+            np.array(second["rows"] if eq else first[image.shape], float).reshape(-1, 6)
+            for image, eq in zip(images, equalised, strict=True)
+        ]
+
+    monkeypatch.setattr(detector, "_select_per_image", fake_select)
+    rows = detector.predict_boxes(films)
+    # Only the film with a joint below rescue_below had a second, equalised look.
+    assert calls == [[False, False, False], [True]]
+    assert rows[0][:, 4].tolist() == [0.8, 0.6]  # the more confident pass replaced the shaft
+    assert rows[1][:, 4].tolist() == [0.8, 0.6]
+    assert len(rows[2]) == 0  # no joint at all is not retried: laterals and feet stay refused
+    # The second look is kept only when its joints are more confident in sum.
+    second["rows"] = [[100, 300, 300, 500, 0.7, 0]]
+    assert detector.predict_boxes(films[:1])[0][:, 4].tolist() == [0.8, 0.2]
+    # rescue_below 0 switches the second look off.
+    monkeypatch.setattr(detector, "config", load_config(DetectConfig, overrides={"rescue_below": 0.0}))
+    calls.clear()
+    assert detector.predict_boxes(films[:1])[0][:, 4].tolist() == [0.8, 0.2] and calls == [[False]]
+
+
 def test_white_padding_is_not_over_exposure():
     film = np.full((400, 600), 90, np.uint8)
     film[::7, ::5] = 40  # texture, so the content is not uniform

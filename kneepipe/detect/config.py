@@ -19,6 +19,7 @@ class DetectConfig:
     imgsz: int = field(metadata=rule(range=(64, 2048)))
     conf: float = field(metadata=rule(range=(0.0, 1.0)))
     pair_conf: float = field(metadata=rule(range=(0.0, 1.0)))
+    rescue_below: float = field(metadata=rule(range=(0.0, 1.0)))
     iou: float = field(metadata=rule(range=(0.0, 1.0)))
     max_det: int = field(metadata=rule(range=(1, 16)))
     batch: int = field(metadata=rule(range=(1, 256)))
