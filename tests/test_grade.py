@@ -61,9 +61,11 @@ def test_training_resumes_after_a_kill(tiny_run):
     assert epochs == [1, 2]  # epoch 1 not repeated, epoch 2 not lost
     log = (run_dir / "train.log").read_text()
     assert "resumed from" in log and "after epoch 1" in log
-    for name in ("args.yaml", "last.keras", "best.npz", "state.json"):
+    for name in ("args.yaml", "last.keras", "best.npz", "last.npz", "state.json"):
         assert (run_dir / name).exists(), name
     assert best["epoch"] in (1, 2)
+    # last.npz is the final epoch's grader file, whichever epoch was best.
+    assert read_preprocessing(run_dir / "last.npz").extra["epoch"] == 2
 
 
 def test_preprocessing_is_read_from_the_saved_model(tiny_run, tmp_path):

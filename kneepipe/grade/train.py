@@ -3,7 +3,8 @@ progressive resizing, warm-up + cosine schedule, selection on val QWK, resumable
 
 The run folder holds ``args.yaml``, ``train.log``, ``metrics.csv`` (one line per
 epoch), ``last.keras`` (model + optimizer, for resuming) with ``state.json``, and
-``best.npz`` (the grader file of the best val QWK so far). A run killed at any point
+``best.npz`` (the grader file of the best val QWK so far) and ``last.npz`` (that of the
+latest epoch, uncalibrated). A run killed at any point
 resumes from its last completed epoch with the same command.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -237,14 +239,16 @@ def train_grader(config: GradeConfig, run_dir: str | Path, resume: bool = True) 
             f"val acc {metrics['accuracy']} QWK {metrics['qwk']} MAE {metrics['mae']} "
             f"predicted {metrics['predicted_counts']} true {metrics['true_counts']} ({seconds:.0f} s)"
         )
+        preprocessing = Preprocessing(
+            input_size=size,
+            head=config.head,
+            train_prior=tuple(float(p) for p in train_prior),
+            extra={"epoch": epoch + 1, "val_qwk": metrics["qwk"], "val_accuracy": metrics["accuracy"]},
+        )
+        # The latest epoch as a grader file too: an ingredient for `kneepipe train average`.
+        save_grader(model, preprocessing, run_dir / "last.npz")
         if metrics["qwk"] is not None and metrics["qwk"] > state["best_qwk"]:
-            preprocessing = Preprocessing(
-                input_size=size,
-                head=config.head,
-                train_prior=tuple(float(p) for p in train_prior),
-                extra={"epoch": epoch + 1, "val_qwk": metrics["qwk"], "val_accuracy": metrics["accuracy"]},
-            )
-            save_grader(model, preprocessing, run_dir / "best.npz")
+            shutil.copyfile(run_dir / "last.npz", run_dir / "best.npz")
             state.update(best_qwk=metrics["qwk"], best_epoch=epoch + 1)
             log(f"new best val QWK {metrics['qwk']} -> {run_dir / 'best.npz'}")
         tmp = run_dir / "last.tmp.keras"
