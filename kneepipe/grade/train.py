@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from kneepipe.config import save_config
+from kneepipe.files import write_atomic
 from kneepipe.grade.config import GradeConfig
 from kneepipe.grade.data import (
     CropSet,
@@ -248,7 +248,7 @@ def train_grader(config: GradeConfig, run_dir: str | Path, resume: bool = True) 
         # The latest epoch as a grader file too: an ingredient for `kneepipe train average`.
         save_grader(model, preprocessing, run_dir / "last.npz")
         if metrics["qwk"] is not None and metrics["qwk"] > state["best_qwk"]:
-            shutil.copyfile(run_dir / "last.npz", run_dir / "best.npz")
+            write_atomic(run_dir / "best.npz", (run_dir / "last.npz").read_bytes())
             state.update(best_qwk=metrics["qwk"], best_epoch=epoch + 1)
             log(f"new best val QWK {metrics['qwk']} -> {run_dir / 'best.npz'}")
         tmp = run_dir / "last.tmp.keras"
