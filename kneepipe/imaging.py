@@ -26,12 +26,13 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import cv2
 import numpy as np
-import pydicom
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+if TYPE_CHECKING:  # pydicom loads when a DICOM is read, not with the package
+    import pydicom
 
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -344,6 +345,8 @@ def _scale_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
 
 def _decode_dicom(path: Path, data: bytes) -> tuple[np.ndarray, int, dict]:
     """DICOM bytes -> (2-D uint8, bits stored, Radiograph facts), following PS3.4 N.2."""
+    import pydicom
+
     has_marker = data[128:132] == b"DICM"
     try:
         dataset = pydicom.dcmread(io.BytesIO(data), force=not has_marker)
@@ -382,6 +385,8 @@ def _decode_dicom(path: Path, data: bytes) -> tuple[np.ndarray, int, dict]:
 
 def _dicom_window(stored: np.ndarray, dataset: pydicom.Dataset) -> np.ndarray:
     """Modality LUT/rescale, then the file's VOI LUT or window, else a percentile window."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
     values = apply_modality_lut(stored, dataset)
     has_lut = bool(dataset.get("VOILUTSequence"))
     if has_lut or ("WindowCenter" in dataset and "WindowWidth" in dataset):
@@ -402,6 +407,8 @@ def _dicom_window(stored: np.ndarray, dataset: pydicom.Dataset) -> np.ndarray:
 
 def _voi_output_range(dataset: pydicom.Dataset) -> tuple[float, float]:
     """The lowest and highest value the file's VOI LUT or window can output."""
+    from pydicom.pixels import apply_voi_lut
+
     if dataset.get("VOILUTSequence"):
         entries, first_mapped = dataset.VOILUTSequence[0].LUTDescriptor[:2]
         probe = np.arange(first_mapped, first_mapped + (entries or 65536), dtype=np.int64)

@@ -161,6 +161,7 @@ def test_train_average_writes_the_weight_mean_and_calibrates_it(tiny_run, oai_di
                 np.testing.assert_allclose(archive[key].astype(np.float32), expected, rtol=2e-3, atol=2e-3)
     record, source = read_preprocessing(out), read_preprocessing(first)
     assert record.input_size == source.input_size and record.train_prior == source.train_prior
+    assert [name.split("@")[0] for name in record.extra["average_of"]] == ["best.npz", "moved.npz"]
     assert record.temperature != 1.0  # calibrated again on val after averaging
 
 

@@ -129,3 +129,32 @@ def average_graders(
     except (FileNotFoundError, ValueError) as err:
         fail(str(err))
     console.print(f"averaged {len(graders)} graders; temperature {temperature:.3f} fitted on val -> {out}")
+
+
+def calibrate_grader(
+    grader: Annotated[Path, typer.Argument(help="A grader file (.npz), e.g. one trained elsewhere.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The calibrated grader file to write (.npz).")],
+    data: Annotated[str | None, typer.Option(help="Folder with train/ and val/ crops by grade.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Fit a grader's temperature, grade biases and decision rule on val; write a calibrated copy."""
+    from kneepipe.files import write_atomic
+    from kneepipe.grade.calibrate import calibrate_grader as calibrate
+    from kneepipe.grade.config import GradeConfig
+    from kneepipe.grade.model import read_preprocessing
+
+    cfg = resolve_config(GradeConfig, config, None, {"data": data})
+    if grader.resolve() == out.resolve():
+        fail(f"{out}: write the calibrated copy beside {grader}, not over it")
+    try:
+        read_preprocessing(grader)
+    except (OSError, ValueError, KeyError) as err:
+        fail(f"{grader}: not a kneepipe grader file ({err})")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, grader.read_bytes())
+    try:
+        temperature = calibrate(out, cfg)
+    except (FileNotFoundError, ValueError) as err:
+        out.unlink(missing_ok=True)
+        fail(str(err))
+    console.print(f"temperature {temperature:.3f} and grade biases fitted on val -> {out}")

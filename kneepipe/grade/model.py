@@ -179,8 +179,9 @@ def average_graders(paths: Sequence[str | Path], out: str | Path) -> Path:
 
     Averaging the weights of fine-tuned runs that share an initialisation (Wortsman et al.
     2022) costs nothing at inference, unlike averaging their predictions. The result
-    takes the preprocessing of the first file, calibration reset to none: calibrate it
-    again (``kneepipe train average`` does).
+    takes the preprocessing of the first file, calibration reset to none (calibrate it
+    again: ``kneepipe train average`` does), and records its ingredients (name and
+    digest of each file) under ``extra["average_of"]``.
 
     Raises:
         ValueError: fewer than two files, a file that is not a grader, or graders whose
@@ -196,7 +197,10 @@ def average_graders(paths: Sequence[str | Path], out: str | Path) -> Path:
         if not same:
             raise ValueError(f"{path}: a different architecture from {paths[0]} (head, channels or weight shapes)")
     averaged = [np.mean(layer, axis=0) for layer in zip(*weights, strict=True)]
-    uncalibrated = dataclasses.replace(first, temperature=1.0, class_bias=(0.0,) * len(first.class_bias))
+    ingredients = [f"{Path(path).name}@{file_digest(path)}" for path in paths]
+    uncalibrated = dataclasses.replace(
+        first, temperature=1.0, class_bias=(0.0,) * len(first.class_bias), extra={"average_of": ingredients}
+    )
     return _write_grader_file(averaged, uncalibrated, out)
 
 

@@ -93,6 +93,33 @@ class _RunLog:
             handle.write(line + "\n")
 
 
+def epoch_record(epoch: int, size: int, lr: float, loss: float, metrics: dict, seconds: float) -> dict[str, Any]:
+    """One line of ``metrics.csv``: the epoch (1-based), its input size, learning rate, loss and val metrics."""
+    return {
+        "epoch": epoch,
+        "size": size,
+        "lr": round(lr, 7),
+        "train_loss": round(loss, 4),
+        "val_accuracy": metrics["accuracy"],
+        "val_qwk": metrics["qwk"],
+        "val_mae": metrics["mae"],
+        "val_ece": metrics["ece"],
+        "predicted_counts": " ".join(map(str, metrics["predicted_counts"])),
+        "seconds": round(seconds, 1),
+    }
+
+
+def append_epoch(run_dir: Path, record: dict[str, Any]) -> None:
+    """Append an :func:`epoch_record` to the run's ``metrics.csv`` (written with its header when new)."""
+    path = Path(run_dir) / "metrics.csv"
+    new = not path.exists()
+    with open(path, "a", newline="") as handle:
+        writer = csv.writer(handle)
+        if new:
+            writer.writerow(METRIC_COLUMNS)
+        writer.writerow([record[c] for c in METRIC_COLUMNS])
+
+
 def _batches(crops: np.ndarray, grades: np.ndarray, weights: np.ndarray, config: GradeConfig, epoch: int, head: str):
     """Endless augmented batches for one epoch (a fresh, seeded order per epoch)."""
     augment = radiograph_augmentation(config)
@@ -220,20 +247,8 @@ def train_grader(config: GradeConfig, run_dir: str | Path, resume: bool = True) 
         metrics = grading_metrics(val.kl_grades, probabilities)
         seconds = time.time() - epoch_start
         lr = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
-        record = {
-            "epoch": epoch + 1,
-            "size": size,
-            "lr": round(lr, 7),
-            "train_loss": round(float(history.history["loss"][-1]), 4),
-            "val_accuracy": metrics["accuracy"],
-            "val_qwk": metrics["qwk"],
-            "val_mae": metrics["mae"],
-            "val_ece": metrics["ece"],
-            "predicted_counts": " ".join(map(str, metrics["predicted_counts"])),
-            "seconds": round(seconds, 1),
-        }
-        with open(run_dir / "metrics.csv", "a", newline="") as handle:
-            csv.writer(handle).writerow([record[c] for c in METRIC_COLUMNS])
+        record = epoch_record(epoch + 1, size, lr, float(history.history["loss"][-1]), metrics, seconds)
+        append_epoch(run_dir, record)
         log(
             f"epoch {epoch + 1}/{config.epochs} size {size}: loss {record['train_loss']} "
             f"val acc {metrics['accuracy']} QWK {metrics['qwk']} MAE {metrics['mae']} "

@@ -1,0 +1,320 @@
+"""Training the KL grader on a CUDA GPU: Keras on the torch backend, augmentation on the GPU.
+
+``kneepipe train grader`` is built for a CPU: albumentations in a Python generator feed
+``model.fit``. On a GPU that generator, not the network, sets the pace. This module
+trains the same network, loss and grader file with the crops held on the GPU as
+``uint8`` and augmented there in batches (flip, affine, brightness/contrast, gamma,
+Gaussian noise: the CPU recipe's augmentations except CLAHE), in a plain torch loop.
+
+It reads a *crop pack*: one ``.npz`` holding the train and val crops, each encoded as
+PNG or JPEG, with their grades. A pack is small enough to copy to a training machine
+that cannot see the crop folders::
+
+    python -m kneepipe.grade.train_torch pack ../shared/data/oai-kl224 pack.npz --quality 90
+    KERAS_BACKEND=torch python -m kneepipe.grade.train_torch train pack.npz RUN --minutes 6 \\
+        init=kneepipe/weights/grader.npz lr=0.0003 train_batch=64
+
+``train`` runs for a wall-clock budget: it times the first two epochs, then fixes the
+number of epochs that fit and decays the learning rate over them (linear warm-up, the
+peak held to the end of epoch 2, cosine decay to 1% of the peak). It writes
+``metrics.csv``, ``train.log``, ``last.npz`` (the final epoch), ``soup.npz`` (the weight
+average of the final ``--soup`` epochs), and ``grader.npz``: whichever of the two has
+the higher val QWK. Calibrate the result on val before using it::
+
+    kneepipe train calibrate RUN/grader.npz --out calibrated.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from kneepipe.config import load_config, save_config
+from kneepipe.grade.config import GradeConfig
+
+PACK_PARTS = ("train", "val")
+
+
+def pack_crops(root: str | Path, out: str | Path, quality: int | None = None, size: int = 224) -> dict[str, int]:
+    """Encode ``root/{train,val}/<grade>/<crop>`` into one ``.npz`` crop pack.
+
+    Args:
+        root: a folder with ``train/`` and ``val/`` in the labelled-crop layout.
+        out: the pack file to write.
+        quality: JPEG quality 1-100; ``None`` stores lossless PNG.
+        size: crops are fitted to ``size`` x ``size`` first (the grader's rule).
+
+    Returns the number of crops per part.
+    """
+    import cv2
+
+    from kneepipe.files import write_atomic
+    from kneepipe.grade.data import labelled_files, load_crops
+
+    arrays: dict[str, np.ndarray] = {}
+    counts = {}
+    params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)] if quality else []
+    for part in PACK_PARTS:
+        paths, grades = labelled_files(Path(root) / part)
+        if not paths:
+            raise FileNotFoundError(f"{Path(root) / part}: no labelled crops (expected <grade>/<crop> folders)")
+        crops = load_crops(paths, grades, size)
+        encoded = []
+        for path, crop in zip(crops.paths, crops.crops, strict=True):
+            ok, data = cv2.imencode(".jpg" if quality else ".png", crop, params)
+            if not ok:
+                raise ValueError(f"{path}: could not be encoded")
+            encoded.append(data.ravel())
+        arrays[f"{part}_bytes"] = np.concatenate(encoded)
+        arrays[f"{part}_offsets"] = np.cumsum([0] + [len(e) for e in encoded])
+        arrays[f"{part}_grades"] = crops.kl_grades.astype(np.int8)
+        arrays[f"{part}_names"] = np.array([str(p.relative_to(root)) for p in crops.paths])
+        counts[part] = len(encoded)
+    tmp = Path(out).with_name(Path(out).name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    write_atomic(out, tmp.read_bytes())
+    tmp.unlink()
+    return counts
+
+
+def read_pack(path: str | Path, part: str) -> tuple[np.ndarray, np.ndarray]:
+    """Decode one part of a crop pack: ``(n, h, w)`` uint8 crops and ``(n,)`` grades."""
+    import cv2
+
+    with np.load(path, allow_pickle=False) as pack:
+        data, offsets, grades = pack[f"{part}_bytes"], pack[f"{part}_offsets"], pack[f"{part}_grades"]
+    crops = [cv2.imdecode(data[offsets[i] : offsets[i + 1]], cv2.IMREAD_GRAYSCALE) for i in range(len(grades))]
+    return np.stack(crops), grades.astype(np.int64)
+
+
+def augment_batch(x, config: GradeConfig, generator):
+    """Randomly augment a ``(b, h, w)`` float batch in 0-255 on its device.
+
+    Horizontal flip (p ``hflip``); rotation, zoom and shift with reflected borders (p 0.8);
+    brightness/contrast (p 0.5); gamma (p 0.5); Gaussian noise, std 1-4% (p ``noise``).
+    The ranges are the grade config's, as in the CPU recipe.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    b, h, w = x.shape
+
+    def uniform(low: float, high: float):
+        return torch.rand(b, device=x.device, generator=generator) * (high - low) + low
+
+    def coin(p: float):
+        return torch.rand(b, device=x.device, generator=generator) < p
+
+    x = torch.where(coin(config.hflip)[:, None, None], x.flip(-1), x)
+
+    on = coin(0.8).float()
+    angle = torch.deg2rad(uniform(-config.rotate, config.rotate)) * on
+    zoom = 1 + uniform(-config.scale, config.scale) * on
+    shift_x, shift_y = (uniform(-config.shift, config.shift) * 2 * on for _ in range(2))  # [-1, 1] spans 2
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, shift_x], 1), torch.stack([sin, cos, shift_y], 1)], 1)
+    grid = F.affine_grid(theta, (b, 1, h, w), align_corners=False)
+    x = F.grid_sample(x[:, None], grid, mode="bilinear", padding_mode="reflection", align_corners=False)[:, 0]
+
+    on = coin(0.5).float()
+    contrast = 1 + uniform(-config.brightness_contrast, config.brightness_contrast) * on
+    brightness = uniform(-config.brightness_contrast, config.brightness_contrast) * on * 255
+    x = (x * contrast[:, None, None] + brightness[:, None, None]).clamp(0, 255)
+
+    on = coin(0.5).float()
+    gamma = 1 + uniform(-config.gamma, config.gamma) * on
+    x = 255 * (x / 255).clamp_min(1e-6) ** gamma[:, None, None]
+
+    std = uniform(0.01, 0.04) * 255 * coin(config.noise).float()
+    noise = torch.randn(x.shape, device=x.device, generator=generator)
+    return (x + noise * std[:, None, None]).clamp(0, 255)
+
+
+def learning_rate(step: int, peak: float, warmup_steps: int, hold_steps: int, total_steps: int | None) -> float:
+    """Linear warm-up from peak/25, the peak held to ``hold_steps``, then cosine decay to 1% of it.
+
+    ``total_steps`` is ``None`` until the epoch count is fixed (the peak holds meanwhile).
+
+    >>> learning_rate(0, 1.0, 10, 20, 100), learning_rate(15, 1.0, 10, 20, 100), learning_rate(100, 1.0, 10, 20, 100)
+    (0.04, 1.0, 0.01)
+    """
+    if step < warmup_steps:
+        return peak / 25 + (peak - peak / 25) * step / warmup_steps
+    if total_steps is None or step < hold_steps:
+        return peak
+    progress = min(1.0, (step - hold_steps) / max(1, total_steps - hold_steps))
+    return peak * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_on_gpu(
+    config: GradeConfig, pack: str | Path, run_dir: str | Path, minutes: float, soup: int = 4, max_epochs: int = 200
+) -> dict:
+    """Train a grader from a crop pack for about ``minutes`` of wall-clock time; returns the kept record."""
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    import torch
+
+    from kneepipe.grade.data import class_weights, stratified_subset
+    from kneepipe.grade.model import Preprocessing, _read_grader_file, build_grader, save_grader
+    from kneepipe.grade.train import _RunLog, append_epoch, epoch_record
+    from kneepipe.metrics import grading_metrics
+    from kneepipe.runtime import import_keras
+
+    keras = import_keras()
+    if keras.backend.backend() != "torch":
+        raise RuntimeError(f"this trainer needs KERAS_BACKEND=torch (Keras runs on {keras.backend.backend()})")
+    if config.head != "softmax":
+        raise ValueError("this trainer supports the softmax head only")
+    run_dir = Path(run_dir)
+    if (run_dir / "metrics.csv").exists():
+        raise FileExistsError(f"{run_dir} already holds a run; choose another folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = _RunLog(run_dir)
+    started = time.time()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    save_config(config, run_dir, extra={"trainer": "train_torch", "pack": str(pack), "minutes": minutes})
+
+    train_x, train_y = read_pack(pack, "train")
+    val_x, val_y = read_pack(pack, "val")
+    keep = stratified_subset(train_y, config.max_train_images, config.seed)
+    train_x, train_y = train_x[keep], train_y[keep]
+    keep = stratified_subset(val_y, config.max_val_images, config.seed)
+    val_x, val_y = val_x[keep], val_y[keep]
+    log(f"data: {len(train_y)} train {np.bincount(train_y, minlength=5).tolist()}, {len(val_y)} val on {device}")
+    weights = torch.tensor(class_weights(train_y, config.class_weighting), dtype=torch.float32, device=device)
+    train_prior = tuple(float(p) for p in np.bincount(train_y, minlength=5) / len(train_y))
+    train_gpu = torch.from_numpy(train_x).to(device)
+    labels_gpu = torch.from_numpy(train_y).to(device)
+    val_gpu = torch.from_numpy(val_x).to(device)
+
+    keras.utils.set_random_seed(config.seed)
+    torch.manual_seed(config.seed)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    keras.config.set_dtype_policy(config.train_precision)
+    model = build_grader(config.head, config.dropout)
+    if config.init:
+        model.set_weights(_read_grader_file(config.init)[1])
+        log(f"initialised from {config.init}")
+    parameters = [v.value for v in model.trainable_variables]
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+
+    def as_input(crops):  # (b, h, w) in 0-255 -> (b, h, w, 3) float, grayscale replicated
+        return crops.float()[..., None].expand(-1, -1, -1, 3)
+
+    batch = config.train_batch
+    steps = max(1, len(train_y) // batch)
+    warmup, hold = int(config.warmup_epochs * steps), 2 * steps
+    total_steps: int | None = None
+    epochs = max_epochs
+    soup_sum: list[np.ndarray] | None = None
+    soup_count = 0
+
+    def evaluate() -> tuple[dict, np.ndarray]:
+        logits = []
+        with torch.no_grad():
+            for start in range(0, len(val_y), 128):
+                out = model(as_input(val_gpu[start : start + 128]), training=False)
+                logits.append(keras.ops.convert_to_numpy(out).astype(np.float32))
+        z = np.concatenate(logits)
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        return grading_metrics(val_y, p), z
+
+    log(f"ready in {time.time() - started:.0f} s; {steps} steps of {batch} per epoch")
+    step, epoch = 0, 0
+    while epoch < epochs:
+        epoch_start = time.time()
+        order = torch.randperm(len(train_y), device=device, generator=generator)
+        losses = torch.zeros((), device=device)
+        for i in range(steps):
+            index = order[i * batch : (i + 1) * batch]
+            x = augment_batch(train_gpu[index].float(), config, generator)
+            y = labels_gpu[index]
+            lr = learning_rate(step, config.lr, warmup, hold, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            logits = model(as_input(x), training=True)
+            loss = torch.nn.functional.cross_entropy(
+                logits.float(), y, reduction="none", label_smoothing=config.label_smoothing
+            )
+            loss = (loss * weights[y]).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses += loss.detach()
+            step += 1
+        metrics, _ = evaluate()
+        epoch += 1
+        seconds = time.time() - epoch_start
+        if epoch == 2 and total_steps is None:
+            # The pace is known now: fix the epochs that fit the budget and start the decay.
+            left = minutes * 60 - (time.time() - started)
+            epochs = int(min(max_epochs, max(epoch + 1, epoch + left // seconds)))
+            total_steps = epochs * steps
+            log(f"{seconds:.1f} s per epoch: {epochs} epochs fit in {minutes} min")
+        record = epoch_record(epoch, int(train_x.shape[1]), lr, float(losses) / steps, metrics, seconds)
+        append_epoch(run_dir, record)
+        log(
+            f"epoch {epoch}/{epochs}: loss {record['train_loss']} val acc {metrics['accuracy']} "
+            f"QWK {metrics['qwk']} MAE {metrics['mae']} predicted {metrics['predicted_counts']} ({seconds:.1f} s)"
+        )
+        if epoch > epochs - soup:
+            current = [np.asarray(w, dtype=np.float64) for w in model.get_weights()]
+            soup_sum = current if soup_sum is None else [a + c for a, c in zip(soup_sum, current, strict=True)]
+            soup_count += 1
+
+    def preprocessing(kind: str, qwk: float) -> Preprocessing:
+        recipe = {"trainer": "train_torch", "epochs": epochs, "kept": kind, "val_qwk": qwk, "pack": Path(pack).name}
+        return Preprocessing(input_size=int(train_x.shape[1]), head=config.head, train_prior=train_prior, extra=recipe)
+
+    last_metrics, _ = evaluate()
+    save_grader(model, preprocessing("last epoch", last_metrics["qwk"]), run_dir / "last.npz")
+    kept, kept_metrics = "last", last_metrics
+    if soup_sum is not None and soup_count > 1:
+        model.set_weights([(s / soup_count).astype(np.float32) for s in soup_sum])
+        soup_metrics, _ = evaluate()
+        save_grader(model, preprocessing(f"soup of {soup_count} epochs", soup_metrics["qwk"]), run_dir / "soup.npz")
+        log(f"soup of the last {soup_count} epochs: val acc {soup_metrics['accuracy']} QWK {soup_metrics['qwk']}")
+        if soup_metrics["qwk"] >= last_metrics["qwk"]:
+            kept, kept_metrics = "soup", soup_metrics
+    source = run_dir / f"{kept}.npz"
+    (run_dir / "grader.npz").write_bytes(source.read_bytes())
+    log(f"kept {source.name} as grader.npz (val QWK {kept_metrics['qwk']}); {(time.time() - started) / 60:.1f} min")
+    return {"kept": kept, "epochs": epochs, **{k: kept_metrics[k] for k in ("accuracy", "qwk", "mae", "ece")}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m kneepipe.grade.train_torch", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    pack = commands.add_parser("pack", help="encode labelled train/ and val/ crop folders into one crop pack")
+    pack.add_argument("root")
+    pack.add_argument("out")
+    pack.add_argument("--quality", type=int, default=None, help="JPEG quality; default lossless PNG")
+    train = commands.add_parser("train", help="train a grader from a crop pack on a GPU")
+    train.add_argument("pack")
+    train.add_argument("run_dir")
+    train.add_argument("--minutes", type=float, required=True, help="wall-clock budget, loading included")
+    train.add_argument("--soup", type=int, default=4, help="average the weights of this many final epochs")
+    train.add_argument("--max-epochs", type=int, default=200)
+    train.add_argument("overrides", nargs="*", help="grade config keys as key=value (lr, train_batch, init, ...)")
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":  # key=value overrides may come before or after the options
+        args.overrides = [*args.overrides, *extra]
+        extra = [token for token in extra if "=" not in token]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "pack":
+        counts = pack_crops(args.root, args.out, args.quality)
+        print(f"{args.out}: {counts}, {Path(args.out).stat().st_size / 1e6:.1f} MB")
+    else:
+        config = load_config(GradeConfig, overrides=args.overrides)
+        result = train_on_gpu(config, args.pack, args.run_dir, args.minutes, args.soup, args.max_epochs)
+        print(result)
+
+
+if __name__ == "__main__":
+    main()
