@@ -129,3 +129,27 @@ def test_train_calibrate_writes_a_calibrated_copy(small_root, tmp_path):
     assert record.temperature != read_preprocessing(source).temperature  # refitted on the 10 val crops
     refused = CliRunner().invoke(app, ["train", "calibrate", str(source), "--out", str(source)])
     assert refused.exit_code != 0 and "not over it" in refused.output
+
+
+@pytest.mark.slow
+def test_the_shipped_grader_grades_the_same_on_the_torch_backend(small_root, tmp_path):
+    """Weights and preprocessing live in the grader file, so the backend does not change a grade."""
+    crops = small_root / "val"
+    environment = {**os.environ, "KERAS_BACKEND": "torch", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-c", "from kneepipe.cli import app; app()", "grade", str(crops)]
+    command += ["--out", str(tmp_path / "torch")]
+    result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    default = CliRunner().invoke(app, ["grade", str(crops), "--out", str(tmp_path / "tensorflow")])
+    assert default.exit_code == 0, default.output
+
+    def read(folder):
+        with open(folder / "grades.csv") as handle:
+            return {row["crop"]: row for row in csv.DictReader(handle)}
+
+    on_torch, on_tensorflow = read(tmp_path / "torch"), read(tmp_path / "tensorflow")
+    assert on_torch.keys() == on_tensorflow.keys() and len(on_torch) == 10
+    for crop, row in on_torch.items():
+        assert row["kl_grade"] == on_tensorflow[crop]["kl_grade"]
+        for p in ("p0", "p1", "p2", "p3", "p4"):
+            assert float(row[p]) == pytest.approx(float(on_tensorflow[crop][p]), abs=2e-3)
