@@ -189,7 +189,7 @@ def average_graders(paths: Sequence[str | Path], out: str | Path) -> Path:
     """
     if len(paths) < 2:
         raise ValueError("averaging needs at least two grader files")
-    records, weights = zip(*(_read_grader_file(path) for path in paths), strict=True)
+    records, weights = zip(*(read_grader_file(path) for path in paths), strict=True)
     first = records[0]
     shapes = [w.shape for w in weights[0]]
     for path, record, arrays in zip(paths[1:], records[1:], weights[1:], strict=True):
@@ -204,7 +204,7 @@ def average_graders(paths: Sequence[str | Path], out: str | Path) -> Path:
     return _write_grader_file(averaged, uncalibrated, out)
 
 
-def _read_grader_file(path: str | Path) -> tuple[Preprocessing, list[np.ndarray]]:
+def read_grader_file(path: str | Path) -> tuple[Preprocessing, list[np.ndarray]]:
     """The preprocessing record and the float32 weights (in layer order) of a grader file."""
     try:
         with np.load(path, allow_pickle=False) as archive:
@@ -225,7 +225,7 @@ def read_preprocessing(path: str | Path) -> Preprocessing:
 def load_grader(path: str | Path, dtype: str = "float32"):
     """Rebuild the network of a grader file and load its weights. Returns ``(model, preprocessing)``."""
     keras = import_keras()
-    preprocessing, weights = _read_grader_file(path)
+    preprocessing, weights = read_grader_file(path)
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(dtype)
     try:

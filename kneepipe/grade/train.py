@@ -80,7 +80,7 @@ def load_training_data(config: GradeConfig) -> tuple[CropSet, CropSet]:
     return train, val
 
 
-class _RunLog:
+class RunLog:
     """Appends timestamped lines to the run's ``train.log`` and echoes them."""
 
     def __init__(self, folder: Path):
@@ -139,7 +139,7 @@ def _batches(crops: np.ndarray, grades: np.ndarray, weights: np.ndarray, config:
             yield x, target, weights[y].astype(np.float32)
 
 
-def _throughput_callback(log: _RunLog, batch_size: int, every: int = 25):
+def _throughput_callback(log: RunLog, batch_size: int, every: int = 25):
     """Logs images/s every ``every`` batches, so a background run shows its pace in train.log."""
     keras = import_keras()
 
@@ -191,7 +191,7 @@ def train_grader(config: GradeConfig, run_dir: str | Path, resume: bool = True) 
     keras = import_keras()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    log = _RunLog(run_dir)
+    log = RunLog(run_dir)
     state_path, last_path = run_dir / "state.json", run_dir / "last.keras"
     state = json.loads(state_path.read_text()) if resume and state_path.exists() and last_path.exists() else None
     if state is None and (run_dir / "metrics.csv").exists():

@@ -159,8 +159,14 @@ def train_on_gpu(
     import torch
 
     from kneepipe.grade.data import class_weights, stratified_subset
-    from kneepipe.grade.model import Preprocessing, _read_grader_file, build_grader, save_grader
-    from kneepipe.grade.train import _RunLog, append_epoch, epoch_record
+    from kneepipe.grade.model import (
+        Preprocessing,
+        build_grader,
+        probabilities_from_logits,
+        read_grader_file,
+        save_grader,
+    )
+    from kneepipe.grade.train import RunLog, append_epoch, epoch_record
     from kneepipe.metrics import grading_metrics
     from kneepipe.runtime import import_keras
 
@@ -173,7 +179,7 @@ def train_on_gpu(
     if (run_dir / "metrics.csv").exists():
         raise FileExistsError(f"{run_dir} already holds a run; choose another folder")
     run_dir.mkdir(parents=True, exist_ok=True)
-    log = _RunLog(run_dir)
+    log = RunLog(run_dir)
     started = time.time()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     save_config(config, run_dir, extra={"trainer": "train_torch", "pack": str(pack), "minutes": minutes})
@@ -197,7 +203,7 @@ def train_on_gpu(
     keras.config.set_dtype_policy(config.train_precision)
     model = build_grader(config.head, config.dropout)
     if config.init:
-        model.set_weights(_read_grader_file(config.init)[1])
+        model.set_weights(read_grader_file(config.init)[1])
         log(f"initialised from {config.init}")
     parameters = [v.value for v in model.trainable_variables]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
@@ -213,16 +219,13 @@ def train_on_gpu(
     soup_sum: list[np.ndarray] | None = None
     soup_count = 0
 
-    def evaluate() -> tuple[dict, np.ndarray]:
+    def evaluate() -> dict:
         logits = []
         with torch.no_grad():
             for start in range(0, len(val_y), 128):
                 out = model(as_input(val_gpu[start : start + 128]), training=False)
                 logits.append(keras.ops.convert_to_numpy(out).astype(np.float32))
-        z = np.concatenate(logits)
-        p = np.exp(z - z.max(1, keepdims=True))
-        p /= p.sum(1, keepdims=True)
-        return grading_metrics(val_y, p), z
+        return grading_metrics(val_y, probabilities_from_logits(np.concatenate(logits), config.head))
 
     log(f"ready in {time.time() - started:.0f} s; {steps} steps of {batch} per epoch")
     step, epoch = 0, 0
@@ -247,7 +250,7 @@ def train_on_gpu(
             optimizer.step()
             losses += loss.detach()
             step += 1
-        metrics, _ = evaluate()
+        metrics = evaluate()
         epoch += 1
         seconds = time.time() - epoch_start
         if epoch == 2 and total_steps is None:
@@ -271,12 +274,12 @@ def train_on_gpu(
         recipe = {"trainer": "train_torch", "epochs": epochs, "kept": kind, "val_qwk": qwk, "pack": Path(pack).name}
         return Preprocessing(input_size=int(train_x.shape[1]), head=config.head, train_prior=train_prior, extra=recipe)
 
-    last_metrics, _ = evaluate()
+    last_metrics = evaluate()
     save_grader(model, preprocessing("last epoch", last_metrics["qwk"]), run_dir / "last.npz")
     kept, kept_metrics = "last", last_metrics
     if soup_sum is not None and soup_count > 1:
         model.set_weights([(s / soup_count).astype(np.float32) for s in soup_sum])
-        soup_metrics, _ = evaluate()
+        soup_metrics = evaluate()
         save_grader(model, preprocessing(f"soup of {soup_count} epochs", soup_metrics["qwk"]), run_dir / "soup.npz")
         log(f"soup of the last {soup_count} epochs: val acc {soup_metrics['accuracy']} QWK {soup_metrics['qwk']}")
         if soup_metrics["qwk"] >= last_metrics["qwk"]:
