@@ -153,3 +153,11 @@ def test_the_shipped_grader_grades_the_same_on_the_torch_backend(small_root, tmp
         assert row["kl_grade"] == on_tensorflow[crop]["kl_grade"]
         for p in ("p0", "p1", "p2", "p3", "p4"):
             assert float(row[p]) == pytest.approx(float(on_tensorflow[crop][p]), abs=2e-3)
+
+
+def test_the_training_command_names_a_bad_config_value(tmp_path):
+    command = [sys.executable, "-m", "kneepipe.grade.train_torch", "train", str(tmp_path / "pack.npz")]
+    command += [str(tmp_path / "run"), "--minutes", "1", "lr=fast"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "lr: expected float" in result.stderr
+    assert not (tmp_path / "run").exists()

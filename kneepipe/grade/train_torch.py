@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kneepipe.config import load_config, save_config
+from kneepipe.config import ConfigError, load_config, save_config
 from kneepipe.grade.config import GradeConfig
 
 PACK_PARTS = ("train", "val")
@@ -158,6 +158,7 @@ def train_on_gpu(
     os.environ.setdefault("KERAS_BACKEND", "torch")
     import torch
 
+    from kneepipe.files import write_atomic
     from kneepipe.grade.data import class_weights, stratified_subset
     from kneepipe.grade.model import (
         Preprocessing,
@@ -285,7 +286,7 @@ def train_on_gpu(
         if soup_metrics["qwk"] >= last_metrics["qwk"]:
             kept, kept_metrics = "soup", soup_metrics
     source = run_dir / f"{kept}.npz"
-    (run_dir / "grader.npz").write_bytes(source.read_bytes())
+    write_atomic(run_dir / "grader.npz", source.read_bytes())
     log(f"kept {source.name} as grader.npz (val QWK {kept_metrics['qwk']}); {(time.time() - started) / 60:.1f} min")
     return {"kept": kept, "epochs": epochs, **{k: kept_metrics[k] for k in ("accuracy", "qwk", "mae", "ece")}}
 
@@ -314,7 +315,10 @@ def main(argv: list[str] | None = None) -> None:
         counts = pack_crops(args.root, args.out, args.quality)
         print(f"{args.out}: {counts}, {Path(args.out).stat().st_size / 1e6:.1f} MB")
     else:
-        config = load_config(GradeConfig, overrides=args.overrides)
+        try:
+            config = load_config(GradeConfig, overrides=args.overrides)
+        except ConfigError as err:
+            parser.error(str(err))
         result = train_on_gpu(config, args.pack, args.run_dir, args.minutes, args.soup, args.max_epochs)
         print(result)
 
