@@ -53,7 +53,6 @@ def pack_crops(root: str | Path, out: str | Path, quality: int | None = None, si
     """
     import cv2
 
-    from kneepipe.files import write_atomic
     from kneepipe.grade.data import labelled_files, load_crops
 
     arrays: dict[str, np.ndarray] = {}
@@ -77,8 +76,7 @@ def pack_crops(root: str | Path, out: str | Path, quality: int | None = None, si
         counts[part] = len(encoded)
     tmp = Path(out).with_name(Path(out).name + ".tmp.npz")
     np.savez(tmp, **arrays)
-    write_atomic(out, tmp.read_bytes())
-    tmp.unlink()
+    os.replace(tmp, out)
     return counts
 
 
