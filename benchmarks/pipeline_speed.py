@@ -4,8 +4,8 @@ Both modes process the same pseudo-radiographs (real OAI ``val`` crops placed on
 the project's compositor, JPEG, 1200-1800 px long side) with the same shipped models:
 
 * pipeline: :func:`kneepipe.pipeline.run.run_pipeline`, the library call behind
-  ``kneepipe run`` (decode thread with bounded prefetch, detector batches, grader batches,
-  crops and journal written);
+  ``kneepipe run`` (decode thread with bounded prefetch, detector batches, grader batches
+  in threads beside the detector, crops and journal written);
 * naive: for each file in turn, decode, detect that one image, grade each of its crops
   with batch size 1 (nothing written).
 
@@ -14,11 +14,17 @@ peak resident memory (``ru_maxrss``) and the resident memory sampled at each qua
 the batch belong to that mode alone. The pipeline is also run on a quarter of the films:
 memory that stays flat as the batch grows four-fold shows that nothing is held per image.
 
+The grader runs in float32 (the default), and with ``--precision both`` also in bfloat16
+(``grade.precision=bfloat16``, faster on CPUs with native bf16): each precision's
+pipeline is compared with the naive loop in the same precision.
+
 Run from the project root::
 
     .venv/bin/python benchmarks/pipeline_speed.py --images 120 --work /tmp/kneepipe-speed
 
-Options: ``--detector``/``--grader`` (other weights), ``--seed``.
+Options: ``--precision float32|bfloat16|both``, ``--grade-workers N`` (grading threads of
+the pipeline; default from ``configs/pipeline.yaml``), ``--detector``/``--grader`` (other
+weights), ``--seed``.
 Targets on a 2-core CPU: >= 4 radiographs/s end to end, >= 3x the naive loop.
 """
 
@@ -48,7 +54,9 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def worker(mode: str, films: Path, count: int, out: Path, models: dict) -> dict:
+def worker(
+    mode: str, films: Path, count: int, out: Path, models: dict, precision: str, grade_workers: int | None
+) -> dict:
     """Time one mode on the first ``count`` films; returns its figures."""
     from kneepipe.runtime import prepare_frameworks
 
@@ -62,7 +70,7 @@ def worker(mode: str, films: Path, count: int, out: Path, models: dict) -> dict:
 
     paths = find_images(films)[:count]
     detect_cfg = load_config(DetectConfig, overrides={"model": models.get("detector")})
-    grade_cfg = load_config(GradeConfig, overrides={"model": models.get("grader")})
+    grade_cfg = load_config(GradeConfig, overrides={"model": models.get("grader"), "precision": precision})
     detector, grader = load_models(detect_cfg, grade_cfg)
     # Warm both models on one film (first-call graph building is not throughput).
     warm = detector.detect([read_radiograph(paths[0], max_side=detect_cfg.max_side)])[0]
@@ -74,9 +82,12 @@ def worker(mode: str, films: Path, count: int, out: Path, models: dict) -> dict:
         if len(quarters) < 4 and done >= (len(quarters) + 1) * total / 4:
             quarters.append(round(resident_mb(), 1))
 
+    threads = None
     started = time.perf_counter()
     if mode == "pipeline":
-        pipeline_cfg = load_config(PipelineConfig, overrides={"overwrite": True})
+        overrides = {"overwrite": True} | ({"grade_workers": grade_workers} if grade_workers else {})
+        pipeline_cfg = load_config(PipelineConfig, overrides=overrides)
+        threads = pipeline_cfg.grade_workers
         selection = out / "inputs"
         selection.mkdir(parents=True, exist_ok=True)
         for path in paths:
@@ -106,6 +117,8 @@ def worker(mode: str, films: Path, count: int, out: Path, models: dict) -> dict:
     seconds = time.perf_counter() - started
     return {
         "mode": mode,
+        "precision": precision,
+        "grade_workers": threads,
         "radiographs": len(paths),
         "knees": knees,
         "seconds": round(seconds, 2),
@@ -134,9 +147,12 @@ def compose_films(crops: Path, folder: Path, count: int, seed: int) -> Path:
     return images
 
 
-def run_worker(mode: str, films: Path, count: int, out: Path, models: dict) -> dict:
+def run_worker(
+    mode: str, films: Path, count: int, out: Path, models: dict, precision: str, grade_workers: int | None
+) -> dict:
     command = [sys.executable, __file__, "--worker", mode, "--films", str(films), "--count", str(count)]
-    command += ["--work", str(out)]
+    command += ["--work", str(out), "--precision", precision]
+    command += ["--grade-workers", str(grade_workers)] if grade_workers else []
     command += [arg for key, value in models.items() if value for arg in (f"--{key}", value)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
@@ -152,38 +168,51 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--detector", default=None, help="detector weights (default: shipped)")
     parser.add_argument("--grader", default=None, help="grader file (default: shipped)")
+    parser.add_argument("--precision", choices=["float32", "bfloat16", "both"], default="float32")
+    parser.add_argument("--grade-workers", type=int, default=None, help="pipeline grading threads")
     parser.add_argument("--worker", choices=["pipeline", "naive"], help=argparse.SUPPRESS)
     parser.add_argument("--films", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     models = {"detector": args.detector, "grader": args.grader}
     if args.worker:
-        print(json.dumps(worker(args.worker, args.films, args.count, args.work, models)))
+        figures = worker(args.worker, args.films, args.count, args.work, models, args.precision, args.grade_workers)
+        print(json.dumps(figures))
         return 0
 
     films = compose_films(args.crops, args.work / "films", args.images, args.seed)
-    pipeline = run_worker("pipeline", films, args.images, args.work / "pipeline", models)
-    quarter = run_worker("pipeline", films, max(1, args.images // 4), args.work / "pipeline_quarter", models)
-    naive = run_worker("naive", films, args.images, args.work / "naive", models)
-    speedup = pipeline["radiographs_per_s"] / naive["radiographs_per_s"]
-    result = {
-        "cpu_cores": os.cpu_count(),
-        "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
-        "pipeline": pipeline,
-        "pipeline_quarter_batch": quarter,
-        "naive": naive,
-        "speedup_radiographs_per_s": round(speedup, 2),
-    }
+    precisions = ["float32", "bfloat16"] if args.precision == "both" else [args.precision]
+    result: dict = {"cpu_cores": os.cpu_count(), "images": args.images}
+    lines = []
+    for precision in precisions:
+
+        def timed(mode: str, count: int, folder: str, precision: str = precision) -> dict:
+            out = args.work / f"{folder}_{precision}"
+            return run_worker(mode, films, count, out, models, precision, args.grade_workers)
+
+        pipeline = timed("pipeline", args.images, "pipeline")
+        quarter = timed("pipeline", max(1, args.images // 4), "pipeline_quarter")
+        naive = timed("naive", args.images, "naive")
+        speedup = pipeline["radiographs_per_s"] / naive["radiographs_per_s"]
+        result[precision] = {
+            "pipeline": pipeline,
+            "pipeline_quarter_batch": quarter,
+            "naive": naive,
+            "speedup_radiographs_per_s": round(speedup, 2),
+        }
+        lines.append(
+            f"[{precision}, {pipeline['grade_workers']} grading threads]\n"
+            f"pipeline: {pipeline['radiographs_per_s']:.2f} radiographs/s, {pipeline['knees_per_s']:.2f} knees/s, "
+            f"peak {pipeline['peak_resident_mb']:.0f} MB ({pipeline['peak_above_loaded_mb']:.0f} MB above the loaded "
+            f"models) on {pipeline['radiographs']} films; on {quarter['radiographs']} films: peak "
+            f"{quarter['peak_resident_mb']:.0f} MB ({quarter['peak_above_loaded_mb']:.0f} MB above)\n"
+            f"naive:    {naive['radiographs_per_s']:.2f} radiographs/s, {naive['knees_per_s']:.2f} knees/s, "
+            f"peak {naive['peak_resident_mb']:.0f} MB\n"
+            f"pipeline / naive: {speedup:.2f}x (targets: >= 4 radiographs/s, >= 3x)"
+        )
+    result["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     print(json.dumps(result, indent=2))
-    print(
-        f"pipeline: {pipeline['radiographs_per_s']:.2f} radiographs/s, {pipeline['knees_per_s']:.2f} knees/s, "
-        f"peak {pipeline['peak_resident_mb']:.0f} MB ({pipeline['peak_above_loaded_mb']:.0f} MB above the loaded "
-        f"models) on {pipeline['radiographs']} films; on {quarter['radiographs']} films: peak "
-        f"{quarter['peak_resident_mb']:.0f} MB ({quarter['peak_above_loaded_mb']:.0f} MB above)\n"
-        f"naive:    {naive['radiographs_per_s']:.2f} radiographs/s, {naive['knees_per_s']:.2f} knees/s, "
-        f"peak {naive['peak_resident_mb']:.0f} MB\n"
-        f"pipeline / naive: {speedup:.2f}x (targets: >= 4 radiographs/s, >= 3x)"
-    )
+    print("\n".join(lines))
     (args.work / "pipeline_speed.json").write_text(json.dumps(result, indent=2))
     return 0
 

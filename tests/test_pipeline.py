@@ -460,6 +460,42 @@ def test_a_killed_run_resumes_without_grading_twice(tmp_path, films, models):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("grade_workers", [1, 2])
+def test_steps_are_graded_beside_the_detector_in_input_order(tmp_path, films, models, grade_workers, monkeypatch):
+    from kneepipe.pipeline import run as run_module
+
+    images, _ = films
+    detector, grader = models
+    real_detect, real_predict = run_module._detect, grader.predict_logits
+    detected_steps = []
+    second_step_detected = threading.Event()
+    overlapped = []
+
+    def detect(model, radiographs):
+        detected_steps.append(len(radiographs))
+        if len(detected_steps) == 2:
+            second_step_detected.set()
+        return real_detect(model, radiographs)
+
+    def predict_logits(crops, batch_size=32):
+        # The first step's grading waits for the second step's detection. In a pipeline
+        # that graded before detecting on, that detection would never come and the wait
+        # would time out.
+        overlapped.append(second_step_detected.wait(timeout=30))
+        return real_predict(crops, batch_size=batch_size)
+
+    monkeypatch.setattr(run_module, "_detect", detect)
+    monkeypatch.setattr(grader, "predict_logits", predict_logits)
+    out = tmp_path / "out"
+    run = run_pipeline(images, out, *_configs(batch=2, grade_workers=grade_workers), detector=detector, grader=grader)
+
+    assert detected_steps == [2, 2, 2] and overlapped[0] is True
+    journaled = [json.loads(line)["image"] for line in (out / "journal.jsonl").read_text().splitlines()]
+    assert journaled == sorted(p.name for p in images.iterdir())  # input order, each once
+    assert run.summary["knees_graded"] == sum(len(record["knees"]) for record in run.images.values()) >= 6
+
+
+@pytest.mark.slow
 def test_labels_make_an_end_to_end_evaluation(tmp_path, films, models, oai_dir):
     images, labels = films
     raw = tmp_path / "raw"

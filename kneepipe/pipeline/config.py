@@ -24,6 +24,7 @@ class PipelineConfig:
     batch: int = field(metadata=rule(range=(1, 1024)))
     prefetch: int = field(metadata=rule(range=(1, 1024)))
     decode_workers: int = field(metadata=rule(range=(1, 16)))
+    grade_workers: int = field(metadata=rule(range=(1, 16)))
 
     # Outputs.
     save_crops: bool

@@ -3,10 +3,11 @@
 For each radiograph: decode once (in a prefetch thread), find the joints with the detector,
 grade their crops with the grader, write the crops, and journal the result. Both models
 are loaded once; radiographs are detected ``batch`` at a time and their knees graded
-together, so throughput comes from batching while memory holds only the radiographs in
-flight. At the end the grades are finalised (temperature, then any prior adaptation over
-the whole batch), and ``results.csv``, ``summary.json``, with labels ``metrics.json`` and
-``evaluation.csv``, and on request ``report.html`` are written in one piece each.
+together, in threads beside the detector, so throughput comes from batching and overlap
+while memory holds only the radiographs in flight. At the end the grades are finalised
+(temperature, then any prior adaptation over the whole batch), and ``results.csv``,
+``summary.json``, with labels ``metrics.json`` and ``evaluation.csv``, and on request
+``report.html`` are written in one piece each.
 
 A file that cannot be read, shows no knee or a view that cannot be graded gets one row
 with its status and reason; nothing about one file stops the batch.
@@ -23,8 +24,9 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -208,7 +210,6 @@ def run_pipeline(
 
     started = time.perf_counter()
     completed, knees_processed = resumed, 0
-    step: list[tuple[Path, Radiograph | ImageReadError, Any]] = []
     size = pipeline_cfg.thumbnail_size
     stream = decoded_radiographs(
         todo,
@@ -217,25 +218,32 @@ def run_pipeline(
         pipeline_cfg.decode_workers,
         prepare=(lambda radiograph: thumbnail_jpeg(radiograph, size)) if size else None,
     )
-    try:
-        for item in stream:
-            step.append(item)
-            if len(step) == pipeline_cfg.batch:
-                records = _process_step(step, names, keys, out_dir, pipeline_cfg, grade_cfg, detector, grader)
-                append_journal(journal, records)
-                completed += len(step)
-                knees_processed += sum(len(record["knees"]) for record in records)
-                step = []
-                if progress:
-                    progress(completed, len(files))
-        if step:
-            records = _process_step(step, names, keys, out_dir, pipeline_cfg, grade_cfg, detector, grader)
+    # Detection runs here while up to `grade_workers` earlier steps are graded and saved in
+    # threads (both frameworks release the GIL while they compute). Steps are journaled in
+    # input order as they finish, so an interrupted run loses only the steps in flight.
+    grading = ThreadPoolExecutor(pipeline_cfg.grade_workers, thread_name_prefix="kneepipe-grade")
+    in_flight: deque[Future] = deque()
+
+    def settle(wait_for: int) -> None:
+        nonlocal completed, knees_processed
+        while len(in_flight) > wait_for or (in_flight and in_flight[0].done()):
+            records = in_flight.popleft().result()
             append_journal(journal, records)
-            completed += len(step)
+            completed += len(records)
             knees_processed += sum(len(record["knees"]) for record in records)
             if progress:
                 progress(completed, len(files))
+
+    try:
+        for step in _steps(stream, pipeline_cfg.batch):
+            detections = _detect_step(detector, step)
+            in_flight.append(
+                grading.submit(_grade_step, step, detections, names, keys, out_dir, pipeline_cfg, grade_cfg, grader)
+            )
+            settle(wait_for=pipeline_cfg.grade_workers)
+        settle(wait_for=0)
     finally:
+        grading.shutdown(wait=True, cancel_futures=True)
         stream.close()
     seconds = time.perf_counter() - started
 
@@ -419,19 +427,36 @@ def _joint_notes(joints: Sequence[Joint]) -> str:
     return ""
 
 
-def _process_step(
+def _steps(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """``items`` in consecutive lists of ``size`` (the last may be shorter)."""
+    step: list[Any] = []
+    for item in items:
+        step.append(item)
+        if len(step) == size:
+            yield step
+            step = []
+    if step:
+        yield step
+
+
+def _detect_step(detector, step: Sequence[tuple[Path, Radiograph | ImageReadError, Any]]) -> dict[int, Detection]:
+    """The detection of each radiograph of a step (files that could not be read are skipped), by ``id``."""
+    radiographs = [item for _, item, _ in step if isinstance(item, Radiograph)]
+    return {id(r): d for r, d in zip(radiographs, _detect(detector, radiographs), strict=True)}
+
+
+def _grade_step(
     step: Sequence[tuple[Path, Radiograph | ImageReadError, Any]],
+    detections: dict[int, Detection],
     names: dict[Path, str],
     keys: dict[str, str],
     out_dir: Path,
     pipeline_cfg: PipelineConfig,
     grade_cfg,
-    detector,
     grader,
 ) -> list[dict[str, Any]]:
-    """Detect, grade and save one step of radiographs; returns their journal records."""
+    """Grade and save one detected step of radiographs; returns their journal records."""
     radiographs = [item for _, item, _ in step if isinstance(item, Radiograph)]
-    detections = {id(r): d for r, d in zip(radiographs, _detect(detector, radiographs), strict=True)}
     joints = [joint for r in radiographs for joint in detections[id(r)].joints]
     graded = iter(_grade(grader, [joint.crop for joint in joints], grade_cfg.batch))
 

@@ -52,6 +52,7 @@ NEUTRAL_KEYS = {
         "batch",
         "prefetch",
         "decode_workers",
+        "grade_workers",
         "overwrite",
         "report",
         "report_max_radiographs",
