@@ -184,15 +184,13 @@ def main() -> int:
     precisions = ["float32", "bfloat16"] if args.precision == "both" else [args.precision]
     result: dict = {"cpu_cores": os.cpu_count(), "images": args.images}
     lines = []
+    runs = [("pipeline", "pipeline", args.images), ("pipeline_quarter", "pipeline", max(1, args.images // 4))]
+    runs.append(("naive", "naive", args.images))
     for precision in precisions:
-
-        def timed(mode: str, count: int, folder: str, precision: str = precision) -> dict:
-            out = args.work / f"{folder}_{precision}"
-            return run_worker(mode, films, count, out, models, precision, args.grade_workers)
-
-        pipeline = timed("pipeline", args.images, "pipeline")
-        quarter = timed("pipeline", max(1, args.images // 4), "pipeline_quarter")
-        naive = timed("naive", args.images, "naive")
+        pipeline, quarter, naive = (
+            run_worker(mode, films, count, args.work / f"{name}_{precision}", models, precision, args.grade_workers)
+            for name, mode, count in runs
+        )
         speedup = pipeline["radiographs_per_s"] / naive["radiographs_per_s"]
         result[precision] = {
             "pipeline": pipeline,

@@ -27,6 +27,7 @@ the higher val QWK. Calibrate the result on val before using it::
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import os
 import time
@@ -35,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from kneepipe.config import ConfigError, load_config, save_config
+from kneepipe.files import write_atomic
 from kneepipe.grade.config import GradeConfig
 
 PACK_PARTS = ("train", "val")
@@ -74,9 +76,9 @@ def pack_crops(root: str | Path, out: str | Path, quality: int | None = None, si
         arrays[f"{part}_grades"] = crops.kl_grades.astype(np.int8)
         arrays[f"{part}_names"] = np.array([str(p.relative_to(root)) for p in crops.paths])
         counts[part] = len(encoded)
-    tmp = Path(out).with_name(Path(out).name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, out)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_atomic(out, buffer.getvalue())
     return counts
 
 
@@ -156,7 +158,6 @@ def train_on_gpu(
     os.environ.setdefault("KERAS_BACKEND", "torch")
     import torch
 
-    from kneepipe.files import write_atomic
     from kneepipe.grade.data import class_weights, stratified_subset
     from kneepipe.grade.model import (
         Preprocessing,

@@ -456,8 +456,7 @@ def _grade_step(
     grader,
 ) -> list[dict[str, Any]]:
     """Grade and save one detected step of radiographs; returns their journal records."""
-    radiographs = [item for _, item, _ in step if isinstance(item, Radiograph)]
-    joints = [joint for r in radiographs for joint in detections[id(r)].joints]
+    joints = [joint for detection in detections.values() for joint in detection.joints]  # in step order
     graded = iter(_grade(grader, [joint.crop for joint in joints], grade_cfg.batch))
 
     records = []
