@@ -193,3 +193,20 @@ def test_adjust_for_prior_applies_the_em_prior_only_for_a_significant_shift():
     # A known prior is applied as given, with no test.
     given, facts = adjust_for_prior(unshifted, train_prior, _prior_config(adapt_prior=False, prior="1,1,1,1,1"))
     assert "prior_test" not in facts and not np.array_equal(given, unshifted)
+
+
+def test_adapt_prior_declines_a_runaway_estimate_with_a_reason():
+    # A batch whose images changed, not its grade mix: every knee leans towards KL3-KL4,
+    # so EM would put almost the whole prior on KL4 (the failure on another clinic's knees).
+    train_prior = TRAIN_COUNTS / TRAIN_COUNTS.sum()
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 1.0, size=(300, 5)) + np.array([0.0, 0.2, 1.0, 1.6, 1.8])
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    kept, facts = adjust_for_prior(probabilities, train_prior, _prior_config())
+    np.testing.assert_array_equal(kept, probabilities)
+    assert facts["prior_test"]["applied"] is False
+    assert "kneepipe adapt" in facts["prior_test"]["declined"]
+    assert "not a pure label shift" in prior_summary(facts)
+    assert "KL4" in facts["prior_test"]["declined"] and "training share" in facts["prior_test"]["declined"]
+    # Without the guard (alpha alone decides) EM would have regraded this batch.
+    assert facts["prior_test"]["p_value"] < 0.01

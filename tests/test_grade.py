@@ -175,3 +175,29 @@ def test_train_average_refuses_a_file_that_is_not_a_grader(tiny_run, tmp_path):
     assert result.exit_code != 0
     assert "other.npz: not a kneepipe grader file" in " ".join(result.output.split())
     assert not (tmp_path / "soup.npz").exists()
+
+
+def _augmented(crop: np.ndarray, **overrides) -> np.ndarray:
+    from kneepipe.grade.data import radiograph_augmentation
+
+    off = {"hflip": 0.0, "rotate": 0.0, "scale": 0.0, "shift": 0.0, "brightness_contrast": 0.0, "gamma": 0.0}
+    off |= {"clahe": 0.0, "noise": 0.0, "sharpen": 0.0, "blur": 0.0, "tight_crop": 0.0}
+    augment = radiograph_augmentation(load_config(GradeConfig, overrides={**off, **overrides}), crop.shape[0])
+    augment.set_random_seed(0)
+    return augment(image=crop)["image"]
+
+
+def test_site_augmentations_change_framing_and_sharpness_of_real_crops(oai_dir):
+    import cv2
+
+    crop = cv2.imread(str(sorted((oai_dir / "val" / "2").glob("*.png"))[0]), cv2.IMREAD_GRAYSCALE)
+    np.testing.assert_array_equal(_augmented(crop), crop)  # everything off: the crop as it is
+
+    def detail(image):
+        return cv2.Laplacian(image.astype(np.float32), cv2.CV_32F).var()
+
+    assert detail(_augmented(crop, sharpen=1.0)) > 1.02 * detail(crop)
+    assert detail(_augmented(crop, blur=1.0)) < 0.9 * detail(crop)
+    # A tight, wide band stretched to the square: the same size, the joint space drawn taller.
+    tight = _augmented(crop, tight_crop=1.0)
+    assert tight.shape == crop.shape and not np.array_equal(tight, crop)

@@ -21,6 +21,7 @@ class GradeConfig:
     calibrated: bool
     adapt_prior: bool
     adapt_prior_alpha: float = field(metadata=rule(range=(0, 1)))
+    adapt_prior_max_ratio: float = field(metadata=rule(range=(1, 1000)))
     prior: str | None
 
     # Training.
@@ -48,6 +49,9 @@ class GradeConfig:
     gamma: float = field(metadata=rule(range=(0, 0.8)))
     clahe: float = field(metadata=rule(range=(0, 1)))
     noise: float = field(metadata=rule(range=(0, 1)))
+    sharpen: float = field(metadata=rule(range=(0, 1)))
+    blur: float = field(metadata=rule(range=(0, 1)))
+    tight_crop: float = field(metadata=rule(range=(0, 1)))
     max_train_images: int | None = field(metadata=rule(range=(1, None)))
     max_val_images: int | None = field(metadata=rule(range=(1, None)))
     seed: int = field(metadata=rule(range=(0, None)))

@@ -101,26 +101,49 @@ def network_input(crops: np.ndarray, channels: int = 3) -> np.ndarray:
     return np.repeat(x, channels, axis=-1) if channels > 1 else x
 
 
-def radiograph_augmentation(config):
-    """Augmentations suited to knee radiographs (albumentations), from the grade config."""
+def radiograph_augmentation(config, size: int = 224):
+    """Augmentations suited to knee radiographs from any X-ray system (albumentations), from the grade config.
+
+    Besides pose (flip, rotation, zoom, shift) they vary what differs between sites:
+    exposure and contrast (brightness/contrast, gamma, CLAHE), the imaging chain's
+    sharpness (a digital system's edge enhancement, or a soft, downsampled film), noise,
+    and the crop's framing: a tight, wide band around the joint stretched to the square
+    (``tight_crop``), as a folder of another site's non-square crops arrives.
+    """
     import albumentations as A
 
-    return A.Compose(
-        [
-            A.HorizontalFlip(p=config.hflip),
-            A.Affine(
-                rotate=(-config.rotate, config.rotate),
-                scale=(1 - config.scale, 1 + config.scale),
-                translate_percent=(-config.shift, config.shift),
-                border_mode=cv2.BORDER_REFLECT_101,
-                p=0.8,
-            ),
-            A.RandomBrightnessContrast(config.brightness_contrast, config.brightness_contrast, p=0.5),
-            A.RandomGamma((100 * (1 - config.gamma), 100 * (1 + config.gamma)), p=0.5),
-            A.CLAHE(clip_limit=(1.0, 3.0), tile_grid_size=(4, 4), p=config.clahe),
-            A.GaussNoise(std_range=(0.01, 0.04), p=config.noise),
-        ]
-    )
+    transforms = [
+        A.HorizontalFlip(p=config.hflip),
+        A.RandomResizedCrop(
+            size=(size, size), scale=(0.45, 1.0), ratio=(1.2, 2.0), interpolation=cv2.INTER_AREA, p=config.tight_crop
+        ),
+        A.Affine(
+            rotate=(-config.rotate, config.rotate),
+            scale=(1 - config.scale, 1 + config.scale),
+            translate_percent=(-config.shift, config.shift),
+            border_mode=cv2.BORDER_REFLECT_101,
+            p=0.8,
+        ),
+        A.RandomBrightnessContrast(config.brightness_contrast, config.brightness_contrast, p=0.5),
+        A.RandomGamma((100 * (1 - config.gamma), 100 * (1 + config.gamma)), p=0.5),
+        A.CLAHE(clip_limit=(1.0, 3.0), tile_grid_size=(4, 4), p=config.clahe),
+        A.OneOf(
+            [
+                A.Sharpen(alpha=(0.2, 0.6), lightness=(0.8, 1.0)),
+                A.UnsharpMask(blur_limit=(3, 7), sigma_limit=(1.0, 2.0), alpha=(0.3, 0.8)),
+            ],
+            p=config.sharpen,
+        ),
+        A.OneOf(
+            [
+                A.GaussianBlur(sigma_limit=(0.4, 1.2)),
+                A.Downscale(scale_range=(0.5, 0.8), interpolation_pair={"downscale": cv2.INTER_AREA, "upscale": 1}),
+            ],
+            p=config.blur,
+        ),
+        A.GaussNoise(std_range=(0.01, 0.04), p=config.noise),
+    ]
+    return A.Compose(transforms)
 
 
 def class_weights(grades: np.ndarray, scheme: str) -> np.ndarray:

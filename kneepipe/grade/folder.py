@@ -60,15 +60,51 @@ def adjust_for_prior(
     prior, adjusted = estimate_prior_em(probabilities, train_prior)
     statistic, p_value = prior_shift_test(probabilities, train_prior, prior)
     shifted = p_value < config.adapt_prior_alpha
+    declined = label_shift_guard(probabilities, adjusted, train_prior, prior, config.adapt_prior_max_ratio)
     facts["estimated_prior"] = np.round(prior, 4).tolist()
     facts["prior_test"] = {
         "statistic": round(statistic, 3),
         "p_value": float(f"{p_value:.4g}"),
         "alpha": config.adapt_prior_alpha,
         "n": len(probabilities),
-        "applied": bool(shifted),
+        "applied": bool(shifted and not declined),
     }
-    return (adjusted if shifted else probabilities), facts
+    if shifted and declined:
+        facts["prior_test"]["declined"] = declined
+    return (adjusted if shifted and not declined else probabilities), facts
+
+
+def label_shift_guard(
+    probabilities: np.ndarray, adjusted: np.ndarray, train_prior: np.ndarray, prior: np.ndarray, max_ratio: float
+) -> str | None:
+    """Why an EM prior must not be applied to this batch, or None when it may be.
+
+    EM assumes a pure label shift: the grade mix changed, the images of each grade did
+    not. When the images changed too (another site's X-ray system or framing), EM runs
+    away and can grade a whole batch with one grade. Two signs of that are refused:
+    a grade whose estimated share is more than ``max_ratio`` times its training share
+    (a real clinic's grade mix rarely moves that far), and a grade that plain grading
+    gives to at least 5% of the batch vanishing from the adapted grades.
+    """
+    advice = (
+        "the images differ from the training data, not only the grade mix; grades kept unadapted. "
+        "Calibrate the grader to this site with `kneepipe adapt` and a labelled sample"
+    )
+    ratio = np.asarray(prior) / np.asarray(train_prior)
+    worst = int(np.argmax(ratio))
+    if ratio[worst] > max_ratio:
+        return (
+            f"the estimated share of KL{worst} ({prior[worst]:.2f}) is {ratio[worst]:.1f}x its training share "
+            f"({train_prior[worst]:.2f}), above {max_ratio:g}x: {advice}"
+        )
+    n = len(probabilities)
+    plain = np.bincount(probabilities.argmax(axis=1), minlength=len(train_prior))
+    after = np.bincount(adjusted.argmax(axis=1), minlength=len(train_prior))
+    vanished = [g for g in range(len(train_prior)) if plain[g] >= 0.05 * n and after[g] == 0]
+    if vanished:
+        grade = vanished[0]
+        return f"regrading would leave no knee at KL{grade} (plain grading gives it {plain[grade]}): {advice}"
+    return None
 
 
 def prior_summary(priors: dict[str, Any]) -> str | None:
@@ -83,6 +119,8 @@ def prior_summary(priors: dict[str, Any]) -> str | None:
         if test["applied"]
         else "no significant shift: graded with the training prior"
     )
+    if test.get("declined"):
+        verdict = f"shift significant but not a pure label shift: {test['declined']}"
     return (
         f"batch prior estimated by EM {priors['estimated_prior']} vs training prior {priors['train_prior']}; "
         f"likelihood-ratio test on {test['n']} knees: chi2(4) = {test['statistic']}, p = {test['p_value']:.3g} "

@@ -122,7 +122,7 @@ def append_epoch(run_dir: Path, record: dict[str, Any]) -> None:
 
 def _batches(crops: np.ndarray, grades: np.ndarray, weights: np.ndarray, config: GradeConfig, epoch: int, head: str):
     """Endless augmented batches for one epoch (a fresh, seeded order per epoch)."""
-    augment = radiograph_augmentation(config)
+    augment = radiograph_augmentation(config, crops.shape[1])
     rng = np.random.default_rng([config.seed, epoch])
     order = rng.permutation(len(crops))
     steps = max(1, len(crops) // config.train_batch)
