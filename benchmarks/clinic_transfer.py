@@ -55,7 +55,7 @@ def main() -> None:
             batches += [(f"val resampled, seed {s}", resample_to_counts(truth, RESAMPLE_COUNTS, s)) for s in range(3)]
         for label, index in batches:
             plain = probabilities[index]
-            adapted, facts = adjust_for_prior(plain, train_prior, config)
+            adapted, facts = adjust_for_prior(plain, train_prior, config, grader.preprocessing.decision)
             test = facts["prior_test"]
             note = "applied" if test["applied"] else test.get("declined", f"not significant (p = {test['p_value']})")
             _row(f"{label}, plain", grader, truth[index], plain)

@@ -18,6 +18,7 @@ from kneepipe.config import save_config
 from kneepipe.files import write_csv_atomic
 from kneepipe.grade.config import GradeConfig
 from kneepipe.grade.data import grade_from_path
+from kneepipe.grade.model import decide_grades
 from kneepipe.imaging import ImageReadError, find_images, read_radiograph
 from kneepipe.metrics import grading_metrics
 
@@ -41,6 +42,7 @@ def adjust_for_prior(
     probabilities: np.ndarray,
     train_prior: np.ndarray,
     config: GradeConfig,
+    decision: str = "argmax",
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Regrade with a known prior (``config.prior``) or one estimated by EM (``adapt_prior``).
 
@@ -60,7 +62,7 @@ def adjust_for_prior(
     prior, adjusted = estimate_prior_em(probabilities, train_prior)
     statistic, p_value = prior_shift_test(probabilities, train_prior, prior)
     shifted = p_value < config.adapt_prior_alpha
-    declined = label_shift_guard(probabilities, adjusted, train_prior, prior, config.adapt_prior_max_ratio)
+    declined = label_shift_guard(probabilities, adjusted, train_prior, prior, config.adapt_prior_max_ratio, decision)
     facts["estimated_prior"] = np.round(prior, 4).tolist()
     facts["prior_test"] = {
         "statistic": round(statistic, 3),
@@ -75,7 +77,12 @@ def adjust_for_prior(
 
 
 def label_shift_guard(
-    probabilities: np.ndarray, adjusted: np.ndarray, train_prior: np.ndarray, prior: np.ndarray, max_ratio: float
+    probabilities: np.ndarray,
+    adjusted: np.ndarray,
+    train_prior: np.ndarray,
+    prior: np.ndarray,
+    max_ratio: float,
+    decision: str = "argmax",
 ) -> str | None:
     """Why an EM prior must not be applied to this batch, or None when it may be.
 
@@ -84,7 +91,8 @@ def label_shift_guard(
     away and can grade a whole batch with one grade. Two signs of that are refused:
     a grade whose estimated share is more than ``max_ratio`` times its training share
     (a real clinic's grade mix rarely moves that far), and a grade that plain grading
-    gives to at least 5% of the batch vanishing from the adapted grades.
+    gives to at least 5% of the batch vanishing from the adapted grades (both decided by ``decision``,
+    the grader's rule).
     """
     advice = (
         "the images differ from the training data, not only the grade mix; grades kept unadapted. "
@@ -98,8 +106,8 @@ def label_shift_guard(
             f"({train_prior[worst]:.2f}), above {max_ratio:g}x: {advice}"
         )
     n = len(probabilities)
-    plain = np.bincount(probabilities.argmax(axis=1), minlength=len(train_prior))
-    after = np.bincount(adjusted.argmax(axis=1), minlength=len(train_prior))
+    plain = np.bincount(decide_grades(probabilities, decision), minlength=len(train_prior))
+    after = np.bincount(decide_grades(adjusted, decision), minlength=len(train_prior))
     vanished = [g for g in range(len(train_prior)) if plain[g] >= 0.05 * n and after[g] == 0]
     if vanished:
         grade = vanished[0]
@@ -180,7 +188,7 @@ def grade_folder(
     raw = np.concatenate(uncalibrated) if uncalibrated else np.empty((0, 5))
     probabilities = np.concatenate(calibrated) if calibrated else np.empty((0, 5))
     train_prior = np.asarray(grader.preprocessing.train_prior, dtype=float)
-    final, priors = adjust_for_prior(probabilities, train_prior, config)
+    final, priors = adjust_for_prior(probabilities, train_prior, config, grader.preprocessing.decision)
     decided = grader.decide(final)
     for i, p, kl_grade in zip(graded_index, final, decided, strict=True):
         rows[i]["kl_grade"] = int(kl_grade)
