@@ -205,7 +205,7 @@ def test_adapt_prior_declines_a_runaway_estimate_with_a_reason():
     kept, facts = adjust_for_prior(probabilities, train_prior, _prior_config())
     np.testing.assert_array_equal(kept, probabilities)
     assert facts["prior_test"]["applied"] is False
-    assert "kneepipe adapt" in facts["prior_test"]["declined"]
+    assert "labelled sample" in facts["prior_test"]["declined"]
     assert "not a pure label shift" in prior_summary(facts)
     assert "KL4" in facts["prior_test"]["declined"] and "training share" in facts["prior_test"]["declined"]
     # Without the guard (alpha alone decides) EM would have regraded this batch.

@@ -96,7 +96,7 @@ def label_shift_guard(
     """
     advice = (
         "the images differ from the training data, not only the grade mix; grades kept unadapted. "
-        "Calibrate the grader to this site with `kneepipe adapt` and a labelled sample"
+        "Check the grades against a labelled sample of this site before using them, or give its known grade mix with --prior"
     )
     ratio = np.asarray(prior) / np.asarray(train_prior)
     worst = int(np.argmax(ratio))
