@@ -96,7 +96,8 @@ def label_shift_guard(
     """
     advice = (
         "the images differ from the training data, not only the grade mix; grades kept unadapted. "
-        "Check the grades against a labelled sample of this site before using them, or give its known grade mix with --prior"
+        "Check the grades against a labelled sample of this site before using them, "
+        "or give its known grade mix with --prior"
     )
     ratio = np.asarray(prior) / np.asarray(train_prior)
     worst = int(np.argmax(ratio))
