@@ -161,3 +161,12 @@ def test_the_training_command_names_a_bad_config_value(tmp_path):
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "lr: expected float" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_gpu_trainer_refuses_augmentations_it_does_not_apply(tmp_path):
+    from kneepipe.grade.train_torch import train_on_gpu
+
+    config = load_config(GradeConfig, overrides={"sharpen": 0.4, "tight_crop": 0.3})
+    with pytest.raises(ValueError, match="sharpen, tight_crop: not applied"):
+        train_on_gpu(config, tmp_path / "pack.npz", tmp_path / "run", minutes=1)
+    assert not (tmp_path / "run").exists()

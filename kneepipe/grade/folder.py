@@ -62,7 +62,9 @@ def adjust_for_prior(
     prior, adjusted = estimate_prior_em(probabilities, train_prior)
     statistic, p_value = prior_shift_test(probabilities, train_prior, prior)
     shifted = p_value < config.adapt_prior_alpha
-    declined = label_shift_guard(probabilities, adjusted, train_prior, prior, config.adapt_prior_max_ratio, decision)
+    declined = shifted and label_shift_guard(
+        probabilities, adjusted, train_prior, prior, config.adapt_prior_max_ratio, decision
+    )
     facts["estimated_prior"] = np.round(prior, 4).tolist()
     facts["prior_test"] = {
         "statistic": round(statistic, 3),
@@ -71,7 +73,7 @@ def adjust_for_prior(
         "n": len(probabilities),
         "applied": bool(shifted and not declined),
     }
-    if shifted and declined:
+    if declined:
         facts["prior_test"]["declined"] = declined
     return (adjusted if shifted and not declined else probabilities), facts
 

@@ -155,6 +155,9 @@ def train_on_gpu(
     config: GradeConfig, pack: str | Path, run_dir: str | Path, minutes: float, soup: int = 4, max_epochs: int = 200
 ) -> dict:
     """Train a grader from a crop pack for about ``minutes`` of wall-clock time; returns the kept record."""
+    unsupported = [key for key in ("sharpen", "blur", "tight_crop") if getattr(config, key)]
+    if unsupported:
+        raise ValueError(f"{', '.join(unsupported)}: not applied by the GPU augmentation; set to 0 or train on the CPU")
     os.environ.setdefault("KERAS_BACKEND", "torch")
     import torch
 
@@ -318,7 +321,10 @@ def main(argv: list[str] | None = None) -> None:
             config = load_config(GradeConfig, overrides=args.overrides)
         except ConfigError as err:
             parser.error(str(err))
-        result = train_on_gpu(config, args.pack, args.run_dir, args.minutes, args.soup, args.max_epochs)
+        try:
+            result = train_on_gpu(config, args.pack, args.run_dir, args.minutes, args.soup, args.max_epochs)
+        except ValueError as err:
+            parser.error(str(err))
         print(result)
 
 
