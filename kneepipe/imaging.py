@@ -2,8 +2,9 @@
 
 Every later stage sees a :class:`Radiograph`: 2-D ``uint8`` grayscale pixels with the facts
 a later stage needs (source file, stored size, downscale factor, pixel spacing, laterality,
-view, bit depth). A file that cannot be read raises :class:`ImageReadError` naming the file
-and the reason, so a batch can report it and go on with the rest.
+view, bit depth, notes). A file that cannot be read raises :class:`ImageReadError` naming
+the file and the reason, so a batch can report it and go on with the rest; no other
+exception leaves :func:`read_radiograph`, whatever the file holds.
 
 Why the conversions are what they are:
 
@@ -11,22 +12,36 @@ Why the conversions are what they are:
   the file has one, else a robust 0.5-99.5 percentile window), never through a divide by
   256, which throws away most of a radiograph's contrast.
 * MONOCHROME1 DICOMs store bone dark; they are inverted so bone is bright everywhere.
-* The size is read from the file header before any pixel is decoded, so an absurd image is
-  refused without decoding it; images longer than ``max_side`` are shrunk with area
-  interpolation and :attr:`Radiograph.scale` records by how much.
-* The format is told by the file's content, not its suffix (DICOMs often have none).
-* Pixels are kept as stored: a JPEG's EXIF orientation tag is not applied, so boxes found
-  on the pixels map straight back onto the file.
+* The size is read from the file header before any pixel is decoded, so an image over the
+  pixel budget (``max_pixels``) is refused without decoding it; images longer than
+  ``max_side`` are shrunk with area interpolation before any windowing (which keeps the
+  memory a large film costs to about twice its decoded size) and :attr:`Radiograph.scale`
+  records by how much.
+* The format is told by the file's content, not its suffix (DICOMs often have none, and
+  a DICOM may lack its 128-byte preamble).
+* A JPEG's or TIFF's EXIF orientation tag is applied, so a film is read the way a viewer
+  shows it; boxes are then in the upright image's pixels, and a note says so.
+* A JPEG that decodes only partly (libjpeg warns of corrupt or missing data and fills the
+  rest with flat grey) is refused, not graded.
+
+:func:`list_inputs` walks a folder and says what it will read and what it skips and why:
+hidden entries, files that are no image, links that lead nowhere or to folders, FIFOs and
+devices. Links to files are followed (also out of the folder; such files are noted).
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import stat
 import struct
+import sys
+import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import cv2
 import numpy as np
@@ -40,13 +55,39 @@ SUPPORTED_SUFFIXES = RASTER_SUFFIXES + DICOM_SUFFIXES
 
 MIN_SIDE = 32  # px; nothing smaller can show a knee joint
 MAX_SIDE_LIMIT = 40_000  # px; refused from the header, before decoding
-MAX_PIXELS = 400_000_000
+MAX_PIXELS = 60_000_000  # the default pixel budget (detect.yaml's max_pixels); 60 MP at 0.1 mm is 77x77 cm of film
 PERCENTILE_WINDOW = (0.5, 99.5)  # % of pixels clipped at each end for windowless images
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 # JPEG start-of-frame markers carry the image size (C4, C8 and CC are other segments).
 _JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# Image formats kneepipe recognises but does not read: a clear error beats "not an image".
+_OTHER_IMAGE_SIGNATURES = {
+    b"BM": "BMP",
+    b"GIF87a": "GIF",
+    b"GIF89a": "GIF",
+    b"\x00\x00\x00\x0cjP  ": "JPEG 2000",
+    b"\xffO\xffQ": "JPEG 2000",
+    b"%PDF": "PDF",
+}
+# Two-letter value representations that may follow the first tag of a DICOM without preamble.
+_DICOM_VRS = frozenset(
+    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split()
+)
+# libjpeg's warnings when it fills a damaged or cut-off scan with flat grey instead of failing.
+_JPEG_DAMAGE_WARNINGS = ("Corrupt JPEG data", "Premature end of JPEG file", "JPEG datastream contains no image")
+_STDERR_LOCK = threading.Lock()
+_EXIF_ORIENTATION = 0x0112
+_ORIENTATION_WORDS = {
+    2: "mirrored",
+    3: "rotated 180°",
+    4: "flipped upside down",
+    5: "mirrored and rotated 90°",
+    6: "rotated 90°",
+    7: "mirrored and rotated 270°",
+    8: "rotated 270°",
+}
 
 
 class ImageReadError(Exception):
@@ -68,7 +109,8 @@ class Radiograph:
     Attributes:
         pixels: 2-D ``uint8`` grayscale, bone bright.
         path: the file it was read from.
-        original_size: ``(width, height)`` as stored in the file.
+        original_size: ``(width, height)`` as stored in the file (upright, after any EXIF
+            orientation).
         scale: ``pixels`` size / original size; below 1 when a large image was shrunk
             on reading (source pixel = pixel / scale).
         pixel_spacing_mm: ``(row, column)`` spacing of the source pixels in mm, in DICOM's
@@ -76,6 +118,8 @@ class Radiograph:
         laterality: ``"R"`` or ``"L"`` when the file states it.
         view: the view position (``"AP"``, ``"PA"``, ``"LAT"``, ...) when the file states it.
         bit_depth: bits per sample as stored (DICOM *Bits Stored*).
+        notes: what a reader of the results should know about how the file was read
+            (an EXIF orientation applied, only the first page of a multi-page TIFF).
     """
 
     pixels: np.ndarray = field(repr=False)
@@ -86,6 +130,7 @@ class Radiograph:
     laterality: Literal["R", "L"] | None = None
     view: str | None = None
     bit_depth: int = 8
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.pixels.ndim != 2 or self.pixels.dtype != np.uint8:
@@ -93,16 +138,21 @@ class Radiograph:
             raise ValueError(f"Radiograph pixels must be 2-D uint8, got {got}")
 
 
-def read_radiograph(path: str | os.PathLike, max_side: int = 4096) -> Radiograph:
+def read_radiograph(path: str | os.PathLike, max_side: int = 4096, max_pixels: int = MAX_PIXELS) -> Radiograph:
     """Read a PNG, JPEG, TIFF or DICOM radiograph as 2-D ``uint8`` grayscale.
 
     Args:
-        path: the image file; DICOMs are recognised by suffix or by their ``DICM`` marker.
+        path: the image file; the format is told by its content (DICOMs with or without
+            their preamble and ``DICM`` marker).
         max_side: longest side of the returned pixels; larger images are shrunk.
+        max_pixels: the pixel budget: larger images are refused from their header,
+            before any pixel is decoded.
 
     Raises:
-        ImageReadError: the file is missing, empty, truncated, not a supported image,
-            too small or too large, multi-frame, or has no pixel data.
+        ImageReadError: the file is missing, empty, truncated, only partly decodable, not
+            a supported image, too small or over the pixel budget, multi-frame, has no
+            pixel data or a damaged header; any other failure of a decoder on the file
+            becomes an ``ImageReadError`` too.
 
     >>> radiograph = read_radiograph("knee.dcm")  # doctest: +SKIP
     >>> radiograph.pixels.dtype, radiograph.laterality
@@ -111,114 +161,321 @@ def read_radiograph(path: str | os.PathLike, max_side: int = 4096) -> Radiograph
     if max_side < MIN_SIDE:
         raise ValueError(f"max_side must be at least {MIN_SIDE}, got {max_side}")
     path = Path(path)
-    data = _read_file(path)
+    try:
+        return _read(path, max_side, max_pixels)
+    except ImageReadError:
+        raise
+    except MemoryError:
+        raise ImageReadError(path, "not enough memory to decode this image") from None
+    except RecursionError:
+        raise ImageReadError(path, "cannot decode: the file's structure nests too deeply (damaged file)") from None
+    except Exception as err:  # a decoder failing on a damaged file: that file's problem only
+        raise ImageReadError(path, f"cannot decode the file ({type(err).__name__}: {err})") from err
+
+
+def _read(path: Path, max_side: int, max_pixels: int) -> Radiograph:
+    data = _read_file(path, max_pixels)
     facts: dict = {}
-    if _is_dicom(path, data):
-        gray, bit_depth, facts = _decode_dicom(path, data)
+    notes: list[str] = []
+    if sniff_format(data[:132]) == "DICOM" or path.suffix.lower() in DICOM_SUFFIXES:
+        gray, size, bit_depth, facts = _decode_dicom(path, data, max_side, max_pixels)
     else:
-        gray, bit_depth = _decode_raster(path, data)
-    height, width = gray.shape
-    scale = 1.0
-    if max(height, width) > max_side:
-        scale = max_side / max(height, width)
-        new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        gray = cv2.resize(gray, new_size, interpolation=cv2.INTER_AREA)
+        gray, size, bit_depth, notes = _decode_raster(path, data, max_side, max_pixels)
+    width, height = size
     return Radiograph(
         pixels=np.ascontiguousarray(gray),
         path=path,
         original_size=(width, height),
-        scale=scale,
+        scale=gray.shape[1] / width,
         bit_depth=bit_depth,
+        notes=tuple(notes),
         **facts,
     )
 
 
-def find_images(root: str | os.PathLike) -> list[Path]:
-    """List the radiographs to read: ``root`` itself if a file, else every image under it.
+def sniff_format(head: bytes) -> str | None:
+    """The image format a file's first bytes (at least 132) show, or None.
 
-    A folder is searched recursively for the supported suffixes (any case) and for files
-    of another or no suffix that carry the DICOM ``DICM`` marker; hidden files and folders
-    are skipped. A single file is returned as is, so reading it reports what is wrong.
+    ``PNG``, ``JPEG``, ``TIFF`` and ``DICOM`` (with the ``DICM`` marker, or without the
+    preamble: a first tag of group 0002 or 0008) are read; ``BMP``, ``GIF``, ``JPEG 2000``
+    and ``PDF`` are recognised only to say they are not.
+
+    >>> sniff_format(b"\x89PNG\r\n\x1a\n" + bytes(124))
+    'PNG'
+    """
+    if head.startswith(_PNG_SIGNATURE):
+        return "PNG"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head[:4] in _TIFF_SIGNATURES:
+        return "TIFF"
+    if head[128:132] == b"DICM" or _looks_like_bare_dicom(head):
+        return "DICOM"
+    for signature, kind in _OTHER_IMAGE_SIGNATURES.items():
+        if head.startswith(signature):
+            return kind
+    return None
+
+
+def _looks_like_bare_dicom(head: bytes) -> bool:
+    """A DICOM data set without the preamble: its first tag is (0002,xxxx) or (0008,xxxx)."""
+    if len(head) < 8 or head[:2] not in (b"\x02\x00", b"\x08\x00"):
+        return False
+    element = struct.unpack_from("<H", head, 2)[0]
+    if element > 0x0100:
+        return False
+    if head[4:6] in _DICOM_VRS:  # explicit VR
+        return True
+    length = struct.unpack_from("<I", head, 4)[0]  # implicit VR: a plausible value length
+    return 0 < length < 1024
+
+
+@dataclass(frozen=True)
+class SkippedEntry:
+    """An entry under an input folder that is not read, and why (``hidden`` ones are counted apart)."""
+
+    path: Path
+    reason: str
+    hidden: bool = False
+
+
+@dataclass
+class InputListing:
+    """What :func:`list_inputs` found: the files to read, the entries skipped, and notes.
+
+    Attributes:
+        files: the files to read, sorted (each gets a result: read, or an error saying why not).
+        skipped: every other entry under the folder, with the reason it is not read.
+        outside_links: files reached through a link that points out of the input folder.
+    """
+
+    files: list[Path] = field(default_factory=list)
+    skipped: list[SkippedEntry] = field(default_factory=list)
+    outside_links: list[Path] = field(default_factory=list)
+
+
+def list_inputs(root: str | os.PathLike, exclude: tuple[str | os.PathLike, ...] = ()) -> InputListing:
+    """Every entry under ``root``: the files to read, and each skipped entry with its reason.
+
+    ``root`` itself, if a file, is returned to be read as is (reading it says what is wrong).
+    A folder is searched recursively. Read: files with an image suffix (any case), and files
+    of another or no suffix whose content is an image (a DICOM without preamble included).
+    Skipped, each with a reason: hidden files and folders (name starting with ``.``; counted
+    apart), files that are no image, empty folders, FIFOs, sockets and devices (never
+    opened), broken links and link loops, links to folders (not followed, so a walk can
+    never loop), and the ``exclude`` folders (a run's own output folder).
+
+    Links to files are followed wherever they point; those pointing out of ``root`` are
+    listed in ``outside_links`` so a summary can say so.
 
     Raises:
         FileNotFoundError: ``root`` does not exist.
 
+    >>> listing = list_inputs("radiographs/")  # doctest: +SKIP
+    >>> listing.files, [(entry.path.name, entry.reason) for entry in listing.skipped]
+    ([PosixPath('radiographs/a.png')], [('notes.txt', 'not an image (a .txt file; ...)')])
+    """
+    root = Path(root)
+    listing = InputListing()
+    if root.is_file():
+        listing.files.append(root)
+        return listing
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such file or folder")
+    excluded = {_resolved(Path(folder)) for folder in exclude}
+    _walk(root, root.resolve(), excluded, listing, set())
+    listing.files.sort()
+    listing.skipped.sort(key=lambda entry: entry.path)
+    return listing
+
+
+def find_images(root: str | os.PathLike) -> list[Path]:
+    """The files :func:`list_inputs` would read under ``root`` (``root`` itself if a file).
+
     >>> find_images("radiographs/")  # doctest: +SKIP
     [PosixPath('radiographs/a.png'), PosixPath('radiographs/series/IM0001')]
     """
-    root = Path(root)
-    if root.is_file():
-        return [root]
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such file or folder")
-    found = []
-    for folder, subfolders, files in os.walk(root):
-        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
-        for name in files:
-            candidate = Path(folder) / name
-            if name.startswith(".") or not candidate.is_file():
-                continue
-            if candidate.suffix.lower() in SUPPORTED_SUFFIXES or _has_dicom_marker(candidate):
-                found.append(candidate)
-    return sorted(found)
+    return list_inputs(root).files
 
 
-def _read_file(path: Path) -> bytes:
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return path.absolute()
+
+
+def _walk(folder: Path, real_root: Path, excluded: set[Path], listing: InputListing, seen: set[Path]) -> None:
+    real_folder = _resolved(folder)
+    if real_folder in seen:  # a bind mount or similar showing a folder twice
+        listing.skipped.append(SkippedEntry(folder, "folder already searched under another name"))
+        return
+    seen.add(real_folder)
+    try:
+        entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+    except OSError as err:
+        listing.skipped.append(SkippedEntry(folder, f"cannot list the folder ({err.strerror or err})"))
+        return
+    if not entries and folder != Path(real_root) and real_folder != real_root:
+        listing.skipped.append(SkippedEntry(folder, "empty folder"))
+    for entry in entries:
+        path = Path(folder) / entry.name
+        if entry.name.startswith("."):
+            kind = "folder, not searched" if entry.is_dir(follow_symlinks=False) else "file"
+            listing.skipped.append(SkippedEntry(path, f"hidden {kind} (name starts with '.')", hidden=True))
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            if _resolved(path) in excluded:
+                listing.skipped.append(SkippedEntry(path, "the run's own output folder"))
+            else:
+                _walk(path, real_root, excluded, listing, seen)
+            continue
+        reason = _entry_reason(path, entry.is_symlink())
+        if reason:
+            listing.skipped.append(SkippedEntry(path, reason))
+            continue
+        if entry.is_symlink() and not _is_within(_resolved(path), real_root):
+            listing.outside_links.append(path)
+        if path.suffix.lower() in SUPPORTED_SUFFIXES:
+            listing.files.append(path)
+            continue
+        head = _head(path)
+        if isinstance(head, str):
+            listing.skipped.append(SkippedEntry(path, head))
+        elif sniff_format(head) is not None:
+            listing.files.append(path)
+        else:
+            kind = f"a {path.suffix} file" if path.suffix else "no suffix"
+            listing.skipped.append(
+                SkippedEntry(path, f"not an image ({kind}; content is not PNG, JPEG, TIFF or DICOM)")
+            )
+
+
+def _entry_reason(path: Path, is_link: bool) -> str | None:
+    """Why an entry that is not a folder is skipped without opening it, or None for a regular file."""
+    try:
+        info = path.stat()  # follows links
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "link loop (the link points back to itself)"
+        if is_link and err.errno == errno.ENOENT:
+            return f"broken link (its target {os.readlink(path)} does not exist)"
+        return f"cannot read the entry ({err.strerror or err})"
+    if stat.S_ISREG(info.st_mode):
+        return None
+    if stat.S_ISDIR(info.st_mode):
+        return "link to a folder (links to folders are not followed)"
+    kind = (
+        "a FIFO"
+        if stat.S_ISFIFO(info.st_mode)
+        else "a socket"
+        if stat.S_ISSOCK(info.st_mode)
+        else "a device"
+        if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode)
+        else "a special file"
+    )
+    return f"not a regular file ({'link to ' if is_link else ''}{kind}); not read"
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    try:
+        path.relative_to(folder)
+        return True
+    except ValueError:
+        return False
+
+
+def _head(path: Path) -> bytes | str:
+    """The first 132 bytes of a regular file, or why they cannot be read."""
+    try:
+        with path.open("rb") as handle:
+            return handle.read(132)
+    except OSError as err:
+        return f"cannot read the file ({err.strerror or err})"
+
+
+def _read_file(path: Path, max_pixels: int) -> bytes:
     if path.is_dir():
         raise ImageReadError(path, "is a folder, not an image file")
     if not path.exists():
-        raise ImageReadError(path, "no such file")
+        raise ImageReadError(path, "broken link (its target does not exist)" if path.is_symlink() else "no such file")
+    if not path.is_file():
+        raise ImageReadError(path, "not a regular file (FIFO, socket or device); not read")
     try:
         with path.open("rb") as handle:
             head = handle.read(132)
             if not head:
                 raise ImageReadError(path, "empty file (0 bytes)")
+            kind = sniff_format(head)
             suffix = path.suffix.lower()
-            if not _is_dicom(path, head) and suffix not in RASTER_SUFFIXES:
+            if kind in _OTHER_IMAGE_SIGNATURES.values():
+                raise ImageReadError(
+                    path,
+                    f"unsupported file type '{suffix or '(no suffix)'}' (a {kind} image; kneepipe reads PNG, JPEG, "
+                    "TIFF and DICOM: convert it to PNG)",
+                )
+            if kind is None and suffix not in SUPPORTED_SUFFIXES:
                 raise ImageReadError(
                     path,
                     f"unsupported file type '{suffix or '(no suffix)'}' "
-                    f"(supported: {' '.join(SUPPORTED_SUFFIXES)}, or a DICOM 'DICM' marker)",
+                    f"(supported: {' '.join(SUPPORTED_SUFFIXES)}, or the content of one of them)",
+                )
+            # The largest a file within the pixel budget can be: uncompressed 16-bit RGBA plus headers.
+            limit = 8 * max_pixels + (64 << 20)
+            if os.fstat(handle.fileno()).st_size > limit:
+                raise ImageReadError(
+                    path, f"file too large ({os.fstat(handle.fileno()).st_size >> 20} MB) for the pixel budget"
                 )
             return head + handle.read()
     except OSError as err:
         raise ImageReadError(path, f"cannot read the file ({err.strerror or err})") from err
 
 
-def _is_dicom(path: Path, data: bytes) -> bool:
-    return path.suffix.lower() in DICOM_SUFFIXES or data[128:132] == b"DICM"
-
-
-def _has_dicom_marker(path: Path) -> bool:
-    try:
-        with path.open("rb") as handle:
-            return handle.read(132)[128:132] == b"DICM"
-    except OSError:
-        return False
-
-
-def _check_size(path: Path, width: int, height: int) -> None:
+def _check_size(path: Path, width: int, height: int, max_pixels: int = MAX_PIXELS) -> None:
     if width < MIN_SIDE or height < MIN_SIDE:
         reason = f"image too small ({width}x{height} px; need at least {MIN_SIDE} px a side)"
         raise ImageReadError(path, reason)
-    if max(width, height) > MAX_SIDE_LIMIT or width * height > MAX_PIXELS:
+    if max(width, height) > MAX_SIDE_LIMIT or width * height > max_pixels:
         raise ImageReadError(
             path,
-            f"image too large ({width}x{height} px; refusing more than {MAX_SIDE_LIMIT} px "
-            f"a side or {MAX_PIXELS // 1_000_000} megapixels)",
+            f"image too large ({width}x{height} px = {width * height / 1e6:.0f} megapixels; over the pixel budget "
+            f"of {max_pixels / 1e6:g} megapixels or {MAX_SIDE_LIMIT} px a side; refused before decoding: "
+            "raise detect.max_pixels to read it)",
         )
 
 
-def _decode_raster(path: Path, data: bytes) -> tuple[np.ndarray, int]:
-    """PNG/JPEG/TIFF bytes -> (2-D uint8, stored bit depth), size checked from the header."""
+def _shrink(values: np.ndarray, max_side: int) -> np.ndarray:
+    """Shrink with area interpolation so the longer side is at most ``max_side`` (any dtype OpenCV resizes)."""
+    height, width = values.shape[:2]
+    if max(height, width) <= max_side:
+        return values
+    scale = max_side / max(height, width)
+    new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if values.dtype not in (np.uint8, np.uint16, np.int16, np.float32):
+        values = values.astype(np.float32)
+    return cv2.resize(values, new_size, interpolation=cv2.INTER_AREA)
+
+
+def _decode_raster(path: Path, data: bytes, max_side: int, max_pixels: int) -> tuple[np.ndarray, tuple, int, list]:
+    """PNG/JPEG/TIFF bytes -> (2-D uint8, upright size, stored bit depth, notes), size checked from the header."""
     kind, width, height = _raster_header(path, data)
-    _check_size(path, width, height)
+    _check_size(path, width, height, max_pixels)
+    notes = []
     # Some decoders return a partly grey image for a cut-off file; the end markers don't lie.
     if kind == "JPEG" and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
         raise ImageReadError(path, "truncated JPEG (no end-of-image marker after the image data)")
     if kind == "PNG" and data.rfind(b"IEND") == -1:
         raise ImageReadError(path, "truncated PNG (no IEND chunk)")
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    buffer = np.frombuffer(data, np.uint8)
+    if kind == "JPEG":
+        image, warnings = _imdecode_watching_libjpeg(buffer)
+        damage = next((line for line in warnings.splitlines() if line.startswith(_JPEG_DAMAGE_WARNINGS)), None)
+        if damage:
+            raise ImageReadError(
+                path, f"damaged JPEG, only partly decoded (libjpeg: {damage.strip()}); part of the film would be blank"
+            )
+    else:
+        image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
     if image is None:
         raise ImageReadError(path, f"cannot decode the {kind} data (truncated or corrupt)")
     if image.shape[:2] != (height, width):
@@ -226,11 +483,77 @@ def _decode_raster(path: Path, data: bytes) -> tuple[np.ndarray, int]:
             path,
             f"decoded as {image.shape[1]}x{image.shape[0]}, header says {width}x{height}",
         )
+    if kind == "TIFF":
+        pages = _tiff_pages(data)
+        if pages > 1:
+            notes.append(f"multi-page TIFF ({pages} pages): only page 1 was read")
     bit_depth = image.dtype.itemsize * 8
     gray = _to_gray(path, image)
+    del image
+    if kind in ("JPEG", "TIFF"):
+        orientation = _exif_orientation(data)
+        if orientation in _ORIENTATION_WORDS:
+            gray = _orient(gray, orientation)
+            notes.append(
+                f"EXIF orientation {orientation} applied (stored {_ORIENTATION_WORDS[orientation]}); "
+                "boxes are in the upright image's pixels"
+            )
+    size = (gray.shape[1], gray.shape[0])
+    gray = _shrink(gray, max_side)
     if gray.dtype != np.uint8:
         gray = _percentile_window(gray)
-    return gray, bit_depth
+    return gray, size, bit_depth, notes
+
+
+def _imdecode_watching_libjpeg(buffer: np.ndarray) -> tuple[np.ndarray | None, str]:
+    """``cv2.imdecode`` of a JPEG, and the warnings libjpeg printed meanwhile.
+
+    libjpeg does not fail on a damaged scan: it prints a warning on the process's stderr
+    and fills the rest of the image with flat grey, and OpenCV returns that image. The
+    only signal is the printed line, so stderr is captured around the decode (one JPEG at
+    a time; anything else written meanwhile is dropped).
+    """
+    with _STDERR_LOCK:
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError, AttributeError):  # no usable stderr: decode without watching
+            return cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED), ""
+        with tempfile.TemporaryFile() as capture:
+            os.dup2(capture.fileno(), 2)
+            try:
+                image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+            capture.seek(0)
+            return image, capture.read(65536).decode("utf-8", "replace")
+
+
+def _exif_orientation(data: bytes) -> int | None:
+    """The EXIF orientation tag (1-8) of a JPEG or TIFF, or None."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            value = image.getexif().get(_EXIF_ORIENTATION)
+    except Exception:  # no EXIF, or EXIF Pillow cannot parse: read as stored
+        return None
+    return int(value) if isinstance(value, int) else None
+
+
+def _orient(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF orientation (2-8) so the image is upright, as viewers (and Pillow's exif_transpose) show it."""
+    oriented = {
+        2: lambda p: p[:, ::-1],
+        3: lambda p: p[::-1, ::-1],
+        4: lambda p: p[::-1],
+        5: lambda p: p.T,
+        6: lambda p: np.rot90(p, -1),  # stored turned 90° counter-clockwise: turn it back clockwise
+        7: lambda p: p[::-1, ::-1].T,
+        8: lambda p: np.rot90(p, 1),
+    }[orientation](pixels)
+    return np.ascontiguousarray(oriented)
 
 
 def _raster_header(path: Path, data: bytes) -> tuple[str, int, int]:
@@ -343,8 +666,54 @@ def _scale_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.clip(scaled, 0, 255).round().astype(np.uint8)
 
 
-def _decode_dicom(path: Path, data: bytes) -> tuple[np.ndarray, int, dict]:
-    """DICOM bytes -> (2-D uint8, bits stored, Radiograph facts), following PS3.4 N.2."""
+def _tiff_pages(data: bytes, limit: int = 10_000) -> int:
+    """How many images (IFDs) a TIFF chains together; a broken chain ends the count."""
+    order = "<" if data[:2] == b"II" else ">"
+    big = data[2:4] in (b"+\x00", b"\x00+")
+    offset_format, count_format, entry_size = ("Q", "Q", 20) if big else ("I", "H", 12)
+    try:
+        offset = struct.unpack_from(order + offset_format, data, 8 if big else 4)[0]
+        pages, seen = 0, set()
+        while offset and offset not in seen and pages < limit:
+            seen.add(offset)
+            count = struct.unpack_from(order + count_format, data, offset)[0]
+            pages += 1
+            next_at = offset + struct.calcsize(count_format) + count * entry_size
+            offset = struct.unpack_from(order + offset_format, data, next_at)[0]
+    except struct.error:
+        pass
+    return max(pages, 1)
+
+
+def _dicom_number(path: Path, dataset: pydicom.Dataset, keyword: str, default: float | None, whole: bool) -> Any:
+    """A numeric DICOM tag, or ``default`` when absent; a value that is no number is refused, naming the tag."""
+    try:
+        value = dataset.get(keyword)
+    except Exception as err:  # pydicom converting a damaged value
+        raise ImageReadError(path, f"damaged DICOM header: tag {keyword} cannot be read ({err})") from err
+    if value is None or (isinstance(value, str | bytes) and not str(value).strip()):
+        return default
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        value = value[0] if len(value) else default
+    try:
+        number = float(str(value).strip())
+        if whole and not number.is_integer():
+            raise ValueError
+    except (TypeError, ValueError):
+        kind = "whole number" if whole else "number"
+        raise ImageReadError(path, f"damaged DICOM header: tag {keyword} is not a {kind} ({str(value)!r})") from None
+    if not np.isfinite(number):
+        raise ImageReadError(path, f"damaged DICOM header: tag {keyword} is not finite ({str(value)!r})")
+    return int(number) if whole else number
+
+
+def _decode_dicom(path: Path, data: bytes, max_side: int, max_pixels: int) -> tuple[np.ndarray, tuple, int, dict]:
+    """DICOM bytes -> (2-D uint8, size, bits stored, Radiograph facts), following PS3.4 N.2.
+
+    Every header value the pixels depend on is checked first, naming the tag that is wrong:
+    frame count, rows and columns, the rescale, and that the pixel data holds as many bytes
+    as they say.
+    """
     import pydicom
 
     has_marker = data[128:132] == b"DICM"
@@ -353,34 +722,77 @@ def _decode_dicom(path: Path, data: bytes) -> tuple[np.ndarray, int, dict]:
     except Exception as err:  # pydicom raises many kinds for a damaged file
         raise ImageReadError(path, f"not a readable DICOM file ({err})") from err
     if "PixelData" not in dataset:
-        if not has_marker:
+        if not has_marker and not _looks_like_bare_dicom(data[:132]):
             raise ImageReadError(path, "not a DICOM file (no 'DICM' marker and no pixel data)")
         raise ImageReadError(path, "DICOM file has no pixel data (not an image object)")
-    frames = int(dataset.get("NumberOfFrames") or 1)
+    frames = _dicom_number(path, dataset, "NumberOfFrames", 1, whole=True)
     if frames > 1:
         reason = f"multi-frame DICOM ({frames} frames) is not supported; export one frame"
         raise ImageReadError(path, reason)
-    _check_size(path, int(dataset.get("Columns") or 0), int(dataset.get("Rows") or 0))
+    rows = _dicom_number(path, dataset, "Rows", 0, whole=True)
+    columns = _dicom_number(path, dataset, "Columns", 0, whole=True)
+    _check_size(path, columns, rows, max_pixels)
+    for keyword in ("RescaleSlope", "RescaleIntercept"):
+        _dicom_number(path, dataset, keyword, None, whole=False)
+    _check_pixel_data_length(path, dataset, rows, columns)
     try:
         stored = dataset.pixel_array
     except Exception as err:  # missing decoder, truncated or corrupt data
         syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
         name = syntax.name if syntax is not None else "unknown transfer syntax"
         raise ImageReadError(path, f"cannot decode the DICOM pixel data ({name}: {err})") from err
+    if stored.shape[:2] != (rows, columns):
+        raise ImageReadError(
+            path,
+            f"DICOM pixel data decodes as {stored.shape[1] if stored.ndim > 1 else '?'}x{stored.shape[0]}, "
+            f"but the Rows/Columns tags say {columns}x{rows}",
+        )
 
+    stored_bits = stored.dtype.itemsize * 8
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric in ("MONOCHROME1", "MONOCHROME2"):
-        gray = _dicom_window(stored, dataset)
+        # Shrink before the modality LUT and window: both are per-pixel, and the float
+        # copies they make would otherwise be the size of the full film.
+        small = _shrink(stored, max_side)
+        if small.dtype != stored.dtype and stored.dtype.kind in "iu":
+            small = np.rint(small).astype(stored.dtype)
+        del stored
+        gray = _dicom_window(small, dataset)
         if photometric == "MONOCHROME1":  # stored with bone dark
             gray = 255 - gray
     elif stored.ndim == 3 and stored.shape[2] == 3:  # RGB, or YBR that pydicom made RGB
-        gray = cv2.cvtColor(stored, cv2.COLOR_RGB2GRAY)
+        gray = _shrink(cv2.cvtColor(stored, cv2.COLOR_RGB2GRAY), max_side)
         if gray.dtype != np.uint8:
             gray = _percentile_window(gray)
     else:
         raise ImageReadError(path, f"unsupported DICOM photometric interpretation {photometric}")
-    bit_depth = int(dataset.get("BitsStored") or stored.dtype.itemsize * 8)
-    return gray, bit_depth, _dicom_facts(dataset)
+    bit_depth = _dicom_number(path, dataset, "BitsStored", None, whole=True) or stored_bits
+    return gray, (columns, rows), bit_depth, _dicom_facts(dataset)
+
+
+def _check_pixel_data_length(path: Path, dataset: pydicom.Dataset, rows: int, columns: int) -> None:
+    """Native (uncompressed) pixel data must hold what Rows x Columns x samples x bits say."""
+    syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is not None and syntax.is_compressed:
+        return
+    bits = _dicom_number(path, dataset, "BitsAllocated", None, whole=True)
+    samples = _dicom_number(path, dataset, "SamplesPerPixel", 1, whole=True)
+    if not bits or bits % 8:  # 1-bit or invalid: the decoder reports it
+        return
+    expected = rows * columns * samples * bits // 8
+    actual = len(dataset.PixelData or b"")
+    if actual < expected:
+        raise ImageReadError(
+            path,
+            f"DICOM pixel data too short: {actual} bytes, but Rows x Columns = {rows}x{columns} "
+            f"({samples} sample(s) of {bits} bits) need {expected}: a truncated file, or wrong Rows/Columns tags",
+        )
+    if actual > expected + 1:  # one padding byte is allowed
+        raise ImageReadError(
+            path,
+            f"DICOM pixel data too long: {actual} bytes, but Rows x Columns = {rows}x{columns} "
+            f"({samples} sample(s) of {bits} bits) need {expected}: the Rows/Columns tags do not match the data",
+        )
 
 
 def _dicom_window(stored: np.ndarray, dataset: pydicom.Dataset) -> np.ndarray:
@@ -395,8 +807,8 @@ def _dicom_window(stored: np.ndarray, dataset: pydicom.Dataset) -> np.ndarray:
         try:
             windowed = apply_voi_lut(values, dataset)
             low, high = _voi_output_range(dataset)
-        except (ValueError, NotImplementedError, AttributeError, TypeError, IndexError):
-            pass  # an unusable window: the percentile window still gives a sound image
+        except Exception:  # an unusable window (damaged values): the percentile window still gives a sound image
+            pass
         else:
             if high > low:
                 return _scale_to_uint8(windowed, low, high)

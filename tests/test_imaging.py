@@ -20,7 +20,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from kneepipe.imaging import ImageReadError, Radiograph, find_images, read_radiograph
+from kneepipe.imaging import ImageReadError, Radiograph, find_images, list_inputs, read_radiograph
 
 
 @pytest.fixture(scope="module")
@@ -320,7 +320,7 @@ def bad_files(tmp_path: Path, radiographs_dir: Path, crop: np.ndarray, knee_gray
         "huge.jpg": (jpeg_header_only(30000, 30000), "too large (30000x30000"),
         "huge.tif": (tiff_header_only(60, 45000), "too large (60x45000"),
         "knee.bmp": (cv2.imencode(".bmp", crop)[1].tobytes(), "unsupported file type '.bmp'"),
-        "knee": (png, "unsupported file type '(no suffix)'"),
+        "knee": (b"patient 9001695, left knee" * 10, "unsupported file type '(no suffix)'"),
         "notes.dcm": (b"not a dicom file at all " * 20, "not a DICOM file"),
     }
     for name, (data, reason) in contents.items():
@@ -329,7 +329,7 @@ def bad_files(tmp_path: Path, radiographs_dir: Path, crop: np.ndarray, knee_gray
     yield "multi-frame", save_dicom(multi, tmp_path / "multi.dcm"), "multi-frame DICOM (2 frames)"
     yield "no pixels", save_dicom(no_pixels, tmp_path / "sr.dcm"), "has no pixel data"
     yield "huge dicom", save_dicom(huge_dicom, tmp_path / "huge.dcm"), "too large (50000x50000"
-    yield "truncated dicom", truncated_dicom, "cannot decode the DICOM pixel data"
+    yield "truncated dicom", truncated_dicom, "DICOM pixel data too short"
     yield "missing", tmp_path / "missing.png", "no such file"
     (tmp_path / "folder.png").mkdir()
     yield "folder", tmp_path / "folder.png", "is a folder"
@@ -378,7 +378,12 @@ def test_find_images_walks_a_folder(tmp_path, crop, knee_gray):
     write_image(tmp_path / ".cache" / "f.png", crop)
     write_image(tmp_path / "g.bmp", crop)
     (tmp_path / "notes.txt").write_text("not an image")
-    assert find_images(tmp_path) == sorted(wanted)
+    bmp = tmp_path / "g.bmp"  # an image kneepipe does not read: listed, so reading it says why
+    assert find_images(tmp_path) == sorted([*wanted, bmp])
+    skipped = {entry.path.name: entry for entry in list_inputs(tmp_path).skipped}
+    assert sorted(skipped) == [".cache", ".hidden.png", "notes.txt"]
+    assert skipped[".cache"].hidden and "hidden folder" in skipped[".cache"].reason
+    assert not skipped["notes.txt"].hidden and "not an image (a .txt file" in skipped["notes.txt"].reason
     assert find_images(wanted[0]) == [wanted[0]]
     assert find_images(tmp_path / "notes.txt") == [tmp_path / "notes.txt"]
     with pytest.raises(FileNotFoundError, match="missing"):
