@@ -8,17 +8,37 @@ function and prints a summary. The command functions live beside their stage
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
 
 from kneepipe import __version__
 from kneepipe.audit import commands as audit_commands
+from kneepipe.cli_common import EXIT_CRASH, console
 from kneepipe.detect import commands as detect_commands
 from kneepipe.grade import commands as grade_commands
 from kneepipe.pipeline import commands as pipeline_commands
 
-app = typer.Typer(
+
+class _App(typer.Typer):
+    """The Typer app; an unexpected exception ends with its traceback and exit code 70, never a bare 1."""
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        except Exception:
+            import traceback
+
+            traceback.print_exc()
+            console.print(
+                f"[bold red]kneepipe crashed[/] (exit {EXIT_CRASH}): a bug, not a problem with your files; "
+                "please report it with the traceback above"
+            )
+            sys.exit(EXIT_CRASH)
+
+
+app = _App(
     name="kneepipe",
     help="Kellgren-Lawrence grading of knee osteoarthritis on plain radiographs.",
     no_args_is_help=True,

@@ -15,6 +15,7 @@ out-of-range values with a message naming the key, and returns the dataclass.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -44,8 +45,11 @@ def defaults_path(config_cls: type) -> Path:
     return CONFIG_DIR / f"{config_cls.STAGE}.yaml"
 
 
-def parse_overrides(items: Sequence[str] | Mapping[str, Any] | None) -> dict[str, Any]:
-    """Turn ``["key=value", ...]`` into a dict, parsing each value as YAML (``3`` -> int)."""
+def parse_overrides(items: Sequence[str] | Mapping[str, Any] | None, prefix: str = "") -> dict[str, Any]:
+    """Turn ``["key=value", ...]`` into a dict, parsing each value as YAML (``3`` -> int).
+
+    ``prefix`` is how the command line named these keys (``detect.``); messages keep it.
+    """
     if items is None:
         return {}
     if isinstance(items, Mapping):
@@ -54,8 +58,12 @@ def parse_overrides(items: Sequence[str] | Mapping[str, Any] | None) -> dict[str
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        parsed[key.strip()] = yaml.safe_load(value) if value.strip() else None
+            raise ConfigError(f"override {prefix + item!r} is not of the form {prefix}key=value")
+        try:
+            parsed[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as err:
+            problem = str(err).splitlines()[0]
+            raise ConfigError(f"{prefix}{key.strip()}: cannot parse the value {value!r} ({problem})") from None
     return parsed
 
 
@@ -84,7 +92,8 @@ def _allowed_types(annotation: Any) -> tuple[type, ...]:
     return (annotation,)
 
 
-def _check_value(field: dataclasses.Field, annotation: Any, value: Any, source: str) -> Any:
+def _check_value(field: dataclasses.Field, annotation: Any, value: Any, source: str, prefix: str = "") -> Any:
+    name = prefix + field.name
     allowed = _allowed_types(annotation)
     if float in allowed and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -99,20 +108,24 @@ def _check_value(field: dataclasses.Field, annotation: Any, value: Any, source: 
     )
     if not ok:
         names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
-        raise ConfigError(f"{field.name}: expected {names}, got {value!r} (from {source})")
+        raise ConfigError(f"{name}: expected {names}, got {value!r} (from {source})")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name}: {value!r} is not a finite number (from {source})")
+    if isinstance(value, tuple) and any(isinstance(v, float) and not math.isfinite(v) for v in value):
+        raise ConfigError(f"{name}: {list(value)!r} holds a value that is not a finite number (from {source})")
     meta = field.metadata
     if meta.get("choices") and value not in meta["choices"]:
-        raise ConfigError(f"{field.name}: {value!r} is not one of {list(meta['choices'])} (from {source})")
+        raise ConfigError(f"{name}: {value!r} is not one of {list(meta['choices'])} (from {source})")
     if meta.get("range") and isinstance(value, int | float) and not is_bool:
         low, high = meta["range"]
         if (low is not None and value < low) or (high is not None and value > high):
             bounds = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
-            raise ConfigError(f"{field.name}: {value!r} is out of range {bounds} (from {source})")
+            raise ConfigError(f"{name}: {value!r} is out of range {bounds} (from {source})")
     if meta.get("range") and isinstance(value, tuple):
         low, high = meta["range"]
         for item in value:
             if (low is not None and item < low) or (high is not None and item > high):
-                raise ConfigError(f"{field.name}: {item!r} is out of range [{low}, {high}] (from {source})")
+                raise ConfigError(f"{name}: {item!r} is out of range [{low}, {high}] (from {source})")
     return value
 
 
@@ -120,6 +133,7 @@ def load_config(
     config_cls: type[C],
     config_file: str | Path | None = None,
     overrides: Sequence[str] | Mapping[str, Any] | None = None,
+    prefix: str = "",
 ) -> C:
     """Resolve a stage's configuration: shipped defaults < ``config_file`` < ``overrides``.
 
@@ -127,6 +141,7 @@ def load_config(
         config_cls: the stage's frozen config dataclass (with a ``STAGE`` class attribute).
         config_file: an optional user YAML holding any subset of the stage's keys.
         overrides: ``["key=value", ...]`` from the command line, or a dict.
+        prefix: how the command line names the stage's keys (``detect.``), for messages.
 
     Raises:
         ConfigError: naming the offending key, for unknown keys, wrong types or ranges.
@@ -136,7 +151,7 @@ def load_config(
     layers = [(str(defaults_path(config_cls)), _read_yaml(defaults_path(config_cls)))]
     if config_file is not None:
         layers.append((str(config_file), _read_yaml(Path(config_file))))
-    layers.append(("command line", parse_overrides(overrides)))
+    layers.append(("command line", parse_overrides(overrides, prefix=prefix)))
 
     merged: dict[str, Any] = {}
     for source, layer in layers:
@@ -144,17 +159,20 @@ def load_config(
             if key not in fields:
                 hint = _closest(key, fields)
                 raise ConfigError(
-                    f"unknown key {key!r} in {source} for stage '{config_cls.STAGE}'"
-                    + (f"; did you mean {hint!r}?" if hint else "")
+                    f"unknown key {prefix + str(key)!r} in {source} for stage '{config_cls.STAGE}'"
+                    + (f"; did you mean {prefix + hint!r}?" if hint else "")
                 )
-            merged[key] = _check_value(fields[key], hints[key], value, source)
+            merged[key] = _check_value(fields[key], hints[key], value, source, prefix)
     missing = sorted(set(fields) - set(merged))
     if missing:
         raise ConfigError(f"keys without a value for stage '{config_cls.STAGE}': {', '.join(missing)}")
     config = config_cls(**merged)
     validate = getattr(config, "validate", None)
     if validate is not None:
-        validate()
+        try:
+            validate()
+        except ConfigError as err:
+            raise ConfigError(f"{prefix}{err}" if prefix else str(err)) from None
     return config
 
 

@@ -357,7 +357,7 @@ def _entry_reason(path: Path, is_link: bool) -> str | None:
         info = path.stat()  # follows links
     except OSError as err:
         if err.errno == errno.ELOOP:
-            return "link loop (the link points back to itself)"
+            return "link loop (following the link leads back to it; it never reaches a file)"
         if is_link and err.errno == errno.ENOENT:
             return f"broken link (its target {os.readlink(path)} does not exist)"
         return f"cannot read the entry ({err.strerror or err})"
@@ -466,18 +466,16 @@ def _decode_raster(path: Path, data: bytes, max_side: int, max_pixels: int) -> t
         raise ImageReadError(path, "truncated JPEG (no end-of-image marker after the image data)")
     if kind == "PNG" and data.rfind(b"IEND") == -1:
         raise ImageReadError(path, "truncated PNG (no IEND chunk)")
-    buffer = np.frombuffer(data, np.uint8)
+    image, printed = _imdecode_watching_stderr(np.frombuffer(data, np.uint8))
     if kind == "JPEG":
-        image, warnings = _imdecode_watching_libjpeg(buffer)
-        damage = next((line for line in warnings.splitlines() if line.startswith(_JPEG_DAMAGE_WARNINGS)), None)
+        damage = next((line for line in printed.splitlines() if line.startswith(_JPEG_DAMAGE_WARNINGS)), None)
         if damage:
             raise ImageReadError(
                 path, f"damaged JPEG, only partly decoded (libjpeg: {damage.strip()}); part of the film would be blank"
             )
-    else:
-        image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
     if image is None:
-        raise ImageReadError(path, f"cannot decode the {kind} data (truncated or corrupt)")
+        said = next((line.strip() for line in printed.splitlines() if line.strip()), "")
+        raise ImageReadError(path, f"cannot decode the {kind} data (truncated or corrupt{': ' + said if said else ''})")
     if image.shape[:2] != (height, width):
         raise ImageReadError(
             path,
@@ -505,13 +503,14 @@ def _decode_raster(path: Path, data: bytes, max_side: int, max_pixels: int) -> t
     return gray, size, bit_depth, notes
 
 
-def _imdecode_watching_libjpeg(buffer: np.ndarray) -> tuple[np.ndarray | None, str]:
-    """``cv2.imdecode`` of a JPEG, and the warnings libjpeg printed meanwhile.
+def _imdecode_watching_stderr(buffer: np.ndarray) -> tuple[np.ndarray | None, str]:
+    """``cv2.imdecode``, and what the codec libraries printed meanwhile.
 
     libjpeg does not fail on a damaged scan: it prints a warning on the process's stderr
-    and fills the rest of the image with flat grey, and OpenCV returns that image. The
-    only signal is the printed line, so stderr is captured around the decode (one JPEG at
-    a time; anything else written meanwhile is dropped).
+    and fills the rest of the image with flat grey, and OpenCV returns that image; libpng
+    prints why it gave up. The printed line is the only signal, so stderr is captured
+    around the decode (one image at a time; anything else written meanwhile is dropped),
+    which also keeps these lines off the user's terminal.
     """
     with _STDERR_LOCK:
         try:

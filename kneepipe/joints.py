@@ -19,6 +19,7 @@ STATUS_OK = "ok"
 STATUS_NO_KNEE = "no_knee"
 STATUS_NOT_GRADABLE_VIEW = "not_gradable_view"
 STATUS_ERROR = "error"
+STATUS_SKIPPED = "skipped"  # an entry under the input folder that is not read (not an image, hidden, ...)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from kneepipe.audit.leakage import (
 )
 from kneepipe.audit.verify import copy_evidence
 from kneepipe.cli import app
-from kneepipe.cli_common import EXIT_LEAKAGE, EXIT_OK, EXIT_SOME_REFUSED
+from kneepipe.cli_common import EXIT_FILE_ERRORS, EXIT_LEAKAGE, EXIT_OK
 from kneepipe.config import load_config
 
 SOURCES = 20  # real crops copied under every transformation
@@ -218,7 +218,7 @@ def test_cli_exits_zero_without_leakage_and_three_with_an_unreadable_file(folder
     (folder_b / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     out = tmp_path / "broken"
     result = CliRunner().invoke(app, ["audit", str(root / "A"), str(folder_b), "--out", str(out), "--no-progress"])
-    assert result.exit_code == EXIT_SOME_REFUSED, result.output
+    assert result.exit_code == EXIT_FILE_ERRORS, result.output
     assert "broken.png" in result.output
 
 

@@ -13,7 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from kneepipe.cli import app
-from kneepipe.cli_common import EXIT_FAILED, EXIT_OK, EXIT_SOME_REFUSED
+from kneepipe.cli_common import EXIT_FAILED, EXIT_FILE_ERRORS, EXIT_OK
 from kneepipe.config import load_config
 from kneepipe.detect.config import DetectConfig
 from kneepipe.detect.evaluate import box_iou, read_annotations
@@ -187,7 +187,7 @@ def test_cli_detects_a_folder_and_reports_bad_files(tmp_path, radiographs_dir):
 
     result = CliRunner().invoke(app, ["detect", str(raw), str(out), "--no-progress"])
 
-    assert result.exit_code == EXIT_SOME_REFUSED, result.output
+    assert result.exit_code == EXIT_FILE_ERRORS, result.output
     rows = _read_rows(out / "joints.csv")
     by_image = {}
     for row in rows:

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kneepipe.cli import app
-from kneepipe.cli_common import EXIT_SOME_REFUSED
+from kneepipe.cli_common import EXIT_FILE_ERRORS
 from kneepipe.config import load_config
 from kneepipe.grade import train as train_module
 from kneepipe.grade.config import GradeConfig
@@ -98,7 +98,7 @@ def test_grade_cli_writes_outputs_and_exact_metrics(tiny_run, oai_dir, tmp_path)
     (crops / "2" / "broken.png").write_text("this is not an image")
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["grade", str(crops), "--out", str(out), "--model", str(run_dir / "best.npz")])
-    assert result.exit_code == EXIT_SOME_REFUSED, result.output
+    assert result.exit_code == EXIT_FILE_ERRORS, result.output
     with open(out / "grades.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert list(rows[0]) == ["crop", "kl_grade", "p0", "p1", "p2", "p3", "p4", "status", "message"]

@@ -23,7 +23,7 @@ from dicom_files import make_dicom, save_dicom
 from typer.testing import CliRunner
 
 from kneepipe.cli import app
-from kneepipe.cli_common import EXIT_CONFIG, EXIT_SOME_REFUSED
+from kneepipe.cli_common import EXIT_CONFIG, EXIT_FILE_ERRORS, EXIT_OK
 from kneepipe.config import load_config
 from kneepipe.detect.config import DetectConfig
 from kneepipe.detect.evaluate import box_iou, read_annotations
@@ -187,7 +187,7 @@ def test_run_folder_resumes_the_same_run_and_refuses_another(tmp_path):
     other.mkdir()
     (other / "args.yaml").write_text("model: null\n")  # another command's folder
     (other / "results.csv").write_text("x\n")
-    with pytest.raises(OutputConflictError, match="without a kneepipe run fingerprint"):
+    with pytest.raises(OutputConflictError, match=r"not a kneepipe run \(args.yaml, results.csv\).*--overwrite"):
         prepare_output(other, parts, overwrite=False)
 
 
@@ -212,10 +212,10 @@ def test_decode_stream_keeps_order_and_holds_few_images(tmp_path, monkeypatch, o
     decoded, lock = [0], threading.Lock()
     real_read = stream.read_radiograph
 
-    def counting_read(path, max_side):
+    def counting_read(path, max_side, max_pixels):
         with lock:
             decoded[0] += 1
-        return real_read(path, max_side=max_side)
+        return real_read(path, max_side=max_side, max_pixels=max_pixels)
 
     monkeypatch.setattr(stream, "read_radiograph", counting_read)
     seen, most_ahead = [], 0
@@ -359,7 +359,7 @@ def test_a_batch_of_bad_input_completes_with_a_reason_per_file(tmp_path, radiogr
     out = tmp_path / "out"
     command = ["run", str(tmp_path / "raw"), "--out", str(out), "--no-progress", "--adapt-prior"]
     result = CliRunner().invoke(app, command)
-    assert result.exit_code == EXIT_SOME_REFUSED, result.output
+    assert result.exit_code == EXIT_FILE_ERRORS, result.output
     rows = read_results(out / "results.csv")
     by_image: dict[str, list[dict[str, str]]] = {}
     for row in rows:
@@ -549,9 +549,12 @@ def _screenshot(html: Path, png: Path, profile: Path) -> None:
 
 @pytest.mark.slow
 def test_clinical_radiographs_with_a_report(tmp_path, radiographs_dir):
+    # The README's first command, on a clean clone: it must exit 0 (laterals and feet are findings).
+    readme = (ROOT / "README.md").read_text()
+    assert "kneepipe run ../shared/data/radiographs --out runs/radiographs --report\n" in readme
     out = tmp_path / "clinical"
     result = CliRunner().invoke(app, ["run", str(radiographs_dir), "--out", str(out), "--report", "--no-progress"])
-    assert result.exit_code == EXIT_SOME_REFUSED, result.output  # lateral views and feet are refused
+    assert result.exit_code == EXIT_OK, result.output
     rows = read_results(out / "results.csv")
     annotations = read_annotations()
     for name, truth in annotations.items():

@@ -14,9 +14,9 @@ import typer
 from kneepipe.cli_common import (
     EXIT_CONFIG,
     EXIT_FAILED,
+    EXIT_FILE_ERRORS,
     EXIT_LEAKAGE,
     EXIT_OK,
-    EXIT_SOME_REFUSED,
     ConfigOption,
     OverridesArgument,
     console,
@@ -106,7 +106,7 @@ def audit(
         console.print("[bold red]LEAKAGE: the folders share images or patients[/]")
         raise typer.Exit(EXIT_LEAKAGE)
     console.print("[green]no leakage found[/]")
-    raise typer.Exit(EXIT_SOME_REFUSED if report.unreadable else EXIT_OK)
+    raise typer.Exit(EXIT_FILE_ERRORS if report.unreadable else EXIT_OK)
 
 
 def split(

@@ -9,13 +9,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from kneepipe.cli_common import (
     EXIT_FAILED,
-    EXIT_OK,
-    EXIT_SOME_REFUSED,
     ConfigOption,
     OverridesArgument,
+    StrictOption,
+    VerboseOption,
+    batch_exit_code,
     console,
     fail,
     resolve_config,
@@ -32,12 +34,18 @@ def detect(
     ] = None,
     conf: Annotated[float | None, typer.Option(help="Minimum joint confidence (0-1).")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide the progress bar.")] = False,
+    strict: StrictOption = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Find every knee joint and write a 224x224 crop per joint plus joints.csv.
 
-    Exit code 0 when every file was read, 3 when some files got an error row,
-    1 when nothing could run (missing input or weights), 2 for a bad config.
+    Exit code 0 when every file got a result (joints, or no knee / not gradable / skipped with
+    a reason), 3 when some files could not be read or processed, 5 with --strict when some were
+    not graded, 1 when nothing could run (missing input or weights), 2 for a bad config.
     """
+    from kneepipe.runtime import native_logs_hidden, set_verbosity
+
+    set_verbosity(verbose)
     from kneepipe.detect.config import DetectConfig
 
     cfg = resolve_config(DetectConfig, config, overrides, {"model": str(model) if model else None, "conf": conf})
@@ -46,16 +54,22 @@ def detect(
     if not inputs.exists():
         fail(f"{inputs}: no such file or folder", EXIT_FAILED)
     try:
-        detector = JointDetector.load(cfg)
+        with native_logs_hidden():
+            detector = JointDetector.load(cfg)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         fail(f"cannot load the detector: {err}", EXIT_FAILED)
     summary = detect_folder(inputs, out_dir, cfg, detector=detector, progress=not no_progress)
     counts = ", ".join(f"{status} {n}" for status, n in sorted(summary.status_counts.items()))
-    console.print(f"{summary.images} radiographs, {summary.joints} joints ({counts}) -> {summary.joints_csv}")
+    where = escape(str(summary.joints_csv))
+    console.print(f"{summary.images} radiographs, {summary.joints} joints ({counts}) -> {where}", highlight=False)
+    if summary.skipped:
+        console.print(
+            f"{summary.skipped} entries skipped ({summary.hidden_skipped} hidden); each has a row in joints.csv"
+        )
     errors = summary.status_counts.get("error", 0)
     if errors:
         console.print(f"[yellow]{errors} file(s) could not be processed; see joints.csv[/]")
-    raise typer.Exit(EXIT_SOME_REFUSED if errors else EXIT_OK)
+    raise typer.Exit(batch_exit_code(summary.statuses, strict, summary.hidden_skipped))
 
 
 def train_detector(

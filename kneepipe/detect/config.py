@@ -25,6 +25,7 @@ class DetectConfig:
     batch: int = field(metadata=rule(range=(1, 256)))
     crop_size: int = field(metadata=rule(range=(32, 1024)))
     max_side: int = field(metadata=rule(range=(256, 16384)))
+    max_pixels: int = field(metadata=rule(range=(1_000_000, 1_600_000_000)))
     overexposed_fraction: float = field(metadata=rule(range=(0.0, 1.0)))
 
     # Training.

@@ -10,6 +10,7 @@ gets an ``error`` row and the batch goes on.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -24,13 +25,14 @@ from kneepipe.config import save_config
 from kneepipe.detect.compose import SIDES
 from kneepipe.detect.config import DetectConfig
 from kneepipe.detect.framing import crop_joint, square_box
-from kneepipe.files import write_atomic, write_csv_atomic
-from kneepipe.imaging import ImageReadError, Radiograph, find_images, read_radiograph
+from kneepipe.files import FORMULA_STARTS, MAX_KEY_LENGTH, write_atomic, write_csv_atomic
+from kneepipe.imaging import ImageReadError, Radiograph, list_inputs, read_radiograph
 from kneepipe.joints import (
     STATUS_ERROR,
     STATUS_NO_KNEE,
     STATUS_NOT_GRADABLE_VIEW,
     STATUS_OK,
+    STATUS_SKIPPED,
     Detection,
     Joint,
 )
@@ -257,12 +259,15 @@ class JointDetector:
         sees no knee on (laterals, feet) stay refused. Crops are always cut from the
         pixels as read, never from the equalised copy.
         """
+        kept = self.config.max_det  # rows beyond it are dropped later, with a note
         selections = self._select_per_image(images)
-        retry = [i for i, rows in enumerate(selections) if len(rows) and rows[:, 4].min() < self.config.rescue_below]
+        retry = [
+            i for i, rows in enumerate(selections) if len(rows) and rows[:kept, 4].min() < self.config.rescue_below
+        ]
         if retry:
             again = self._select_per_image([equalise_contrast(images[i]) for i in retry])
             for i, rows in zip(retry, again, strict=True):
-                if rows[:, 4].sum() > selections[i][:, 4].sum():
+                if rows[:kept, 4].sum() > selections[i][:kept, 4].sum():
                     selections[i] = rows
         return selections
 
@@ -282,8 +287,9 @@ class JointDetector:
         return [self.select_boxes(result.boxes.data.cpu().numpy().reshape(-1, 6)) for result in results]
 
     def select_boxes(self, rows: np.ndarray) -> np.ndarray:
-        """The joints among one image's raw boxes (most confident first).
+        """The joints among one image's raw boxes (most confident first), all of them.
 
+        :meth:`to_detection` keeps the ``max_det`` most confident and notes any it drops.
         Boxes at ``conf`` or above are joints, except one stacked above or below a more
         confident joint (two knees on one film are side by side). When one joint is
         left, the most confident box beside it that could be the other knee of a
@@ -303,7 +309,7 @@ class JointDetector:
             partner = pair_partner(confident[0], faint)
             if partner is not None:
                 confident = np.vstack([confident, partner])
-        return confident[: self.config.max_det]
+        return confident
 
     def to_detection(self, radiograph: Radiograph, boxes: np.ndarray) -> Detection:
         """Turn one image's raw boxes into joints: sides, square boxes, crops, source pixels.
@@ -316,6 +322,17 @@ class JointDetector:
         height, width = pixels.shape
         if len(boxes) == 0:
             return Detection(radiograph.path, (), STATUS_NO_KNEE, "no knee joint found")
+        note = ""
+        if len(boxes) > self.config.max_det:
+            dropped = boxes[self.config.max_det :]
+            where = ", ".join(
+                f"confidence {row[4]:.2f} at x={(row[0] + row[2]) / 2 / radiograph.scale:.0f}" for row in dropped
+            )
+            note = (
+                f"{len(boxes)} knee-like objects found; the {self.config.max_det} most confident were graded and "
+                f"{len(dropped)} dropped ({where}): max_det is {self.config.max_det}"
+            )
+            boxes = boxes[: self.config.max_det]
         sides = [SIDES[int(row[5])] for row in boxes]
         if len(boxes) == 2 and _side_by_side(boxes[0], boxes[1]):
             # Two knees on one film: on AP/PA films the patient's right is the image's left,
@@ -331,7 +348,7 @@ class JointDetector:
             source_box = tuple(float(v) / radiograph.scale for v in box)
             joints.append(Joint(radiograph.path, side, source_box, float(row[4]), crop))
         joints.sort(key=lambda joint: (joint.box[0] + joint.box[2]) / 2)
-        return Detection(radiograph.path, tuple(joints))
+        return Detection(radiograph.path, tuple(joints), message=note)
 
 
 @dataclass(frozen=True)
@@ -343,9 +360,17 @@ class DetectSummary:
     status_counts: dict[str, int]
     joints_csv: Path
     detector_version: str
+    skipped: int = 0
+    hidden_skipped: int = 0
+    statuses: tuple[str, ...] = ()
 
 
 def _crop_name(stem: str, side: str, taken: set[str]) -> str:
+    if len(stem) > MAX_KEY_LENGTH:  # a crop name must stay within the file system's 255 bytes
+        digest = hashlib.sha256(stem.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+        stem = f"{stem[: MAX_KEY_LENGTH - 9]}-{digest}"
+    if stem.startswith(FORMULA_STARTS):  # a crop name a spreadsheet would take for a formula
+        stem = "_" + stem
     name, number = f"{stem}_{side}.png", 2
     while name in taken:
         name, number = f"{stem}_{side}_{number}.png", number + 1
@@ -393,7 +418,7 @@ def write_joint_rows(detection: Detection, out_dir: Path, taken: set[str]) -> li
                 "confidence": f"{joint.confidence:.4f}",
                 "crop": name,
                 "status": STATUS_OK,
-                "message": "",
+                "message": detection.message,
             }
         )
     return rows
@@ -415,7 +440,8 @@ def detect_folder(
 
     Writes ``out_dir/<image stem>_<side>.png`` per joint, ``out_dir/joints.csv`` with a
     row per joint or one row saying why a file has none, and ``out_dir/args.yaml``.
-    A file that cannot be read or processed gets an ``error`` row naming the reason.
+    A file that cannot be read or processed gets an ``error`` row naming the reason, and
+    every other entry under ``inputs`` (not an image, hidden, a FIFO...) a ``skipped`` row.
 
     Args:
         inputs: a radiograph file or a folder searched recursively.
@@ -431,9 +457,11 @@ def detect_folder(
     >>> detect_folder(Path("raw"), Path("crops"), cfg).status_counts  # doctest: +SKIP
     {'ok': 12, 'no_knee': 1}
     """
-    paths = find_images(inputs)
-    detector = detector or JointDetector.load(config)
     out_dir = Path(out_dir)
+    listing = list_inputs(inputs, exclude=(out_dir,))
+    paths = listing.files
+    outside = set(listing.outside_links)
+    detector = detector or JointDetector.load(config)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, str]] = []
     taken: set[str] = set()
@@ -457,17 +485,23 @@ def detect_folder(
             radiographs, detections = [], {}
             for path in batch_paths:
                 try:
-                    radiographs.append(read_radiograph(path, max_side=config.max_side))
+                    radiographs.append(read_radiograph(path, max_side=config.max_side, max_pixels=config.max_pixels))
                 except ImageReadError as err:
                     detections[path] = Detection(path, (), STATUS_ERROR, err.reason)
-            for detection in _detect_guarded(detector, radiographs):
-                detections[detection.image] = detection
+            for radiograph, detection in zip(radiographs, _detect_guarded(detector, radiographs), strict=True):
+                notes = [detection.message, *radiograph.notes]
+                if radiograph.path in outside:
+                    notes.append("read through a link to a file outside the input folder")
+                detections[radiograph.path] = dataclasses.replace(detection, message="; ".join(filter(None, notes)))
             for path in batch_paths:
                 try:
                     rows.extend(write_joint_rows(detections[path], out_dir, taken))
-                except (OSError, ValueError) as err:
-                    rows.append(write_joint_rows(Detection(path, (), STATUS_ERROR, str(err)), out_dir, taken)[0])
+                except Exception as err:  # this file's problem only: an error row, and the batch goes on
+                    reason = f"cannot write the crops ({type(err).__name__}: {err})"
+                    rows.append(write_joint_rows(Detection(path, (), STATUS_ERROR, reason), out_dir, taken)[0])
             bar.advance(task, len(batch_paths))
+    for entry in listing.skipped:
+        rows.extend(write_joint_rows(Detection(entry.path, (), STATUS_SKIPPED, entry.reason), out_dir, taken))
 
     joints_csv = out_dir / "joints.csv"
     write_joints_csv(rows, joints_csv)
@@ -484,6 +518,9 @@ def detect_folder(
         status_counts=dict(counts),
         joints_csv=joints_csv,
         detector_version=detector.version,
+        skipped=len(listing.skipped),
+        hidden_skipped=sum(entry.hidden for entry in listing.skipped),
+        statuses=tuple(row["status"] for row in rows),
     )
 
 

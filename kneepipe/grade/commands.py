@@ -6,13 +6,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from kneepipe.cli_common import (
     EXIT_FAILED,
-    EXIT_OK,
-    EXIT_SOME_REFUSED,
     ConfigOption,
     OverridesArgument,
+    StrictOption,
+    VerboseOption,
+    batch_exit_code,
     console,
     fail,
     resolve_config,
@@ -29,9 +31,18 @@ def grade(
     ] = None,
     prior: Annotated[str | None, typer.Option(help="A known grade prior p0,p1,p2,p3,p4 to regrade with.")] = None,
     config: ConfigOption = None,
+    strict: StrictOption = False,
+    verbose: VerboseOption = False,
     overrides: OverridesArgument = None,
 ) -> None:
-    """Grade knee crops with the KL grade 0-4 and its probabilities; evaluate labelled folders."""
+    """Grade knee crops with the KL grade 0-4 and its probabilities; evaluate labelled folders.
+
+    Exit code 0 when every file got a result (graded, or skipped with a reason), 3 when some
+    could not be read or graded, 5 with --strict when some were skipped, 1 cannot run, 2 bad config.
+    """
+    from kneepipe.runtime import native_logs_hidden, set_verbosity
+
+    set_verbosity(verbose)
     from kneepipe.grade.config import GradeConfig
 
     cfg = resolve_config(
@@ -49,7 +60,8 @@ def grade(
     from kneepipe.metrics import format_metrics
 
     try:
-        grader = Grader.load(cfg.model, precision=cfg.precision)
+        with native_logs_hidden():
+            grader = Grader.load(cfg.model, precision=cfg.precision)
     except (OSError, ValueError) as err:
         fail(f"cannot load the grader: {err}")
     with Progress("grading", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
@@ -64,10 +76,13 @@ def grade(
             )
         except ValueError as err:
             fail(str(err))
-    graded = len(run.rows) - len(run.refused)
-    console.print(f"graded {graded} crops with {grader.version} -> {out / 'grades.csv'}")
+    graded = len(run.rows) - len(run.refused) - len(run.skipped)
+    console.print(f"graded {graded} crops with {grader.version} -> {escape(str(out / 'grades.csv'))}", highlight=False)
     for row in run.refused:
-        console.print(f"[yellow]refused[/] {row['crop']}: {row['message']}")
+        console.print(f"[yellow]error[/] {escape(row['crop'])}: {escape(row['message'])}", highlight=False)
+    hidden = sum(bool(row.get("hidden")) for row in run.skipped)
+    if run.skipped:
+        console.print(f"{len(run.skipped)} entries skipped ({hidden} hidden); each has a row in grades.csv")
     summary = prior_summary(run.priors)
     if summary:
         console.print(f"grade prior: {summary}")
@@ -79,9 +94,9 @@ def grade(
             f"ECE before / after temperature scaling (T={m['temperature']:.3f}): "
             f"{m['ece_uncalibrated']} / {m['ece_calibrated']}"
         )
-    if not run.rows:
-        fail(f"{crops}: no images found", EXIT_FAILED)
-    raise typer.Exit(EXIT_SOME_REFUSED if run.refused else EXIT_OK)
+    if len(run.rows) == len(run.skipped):
+        fail(f"{crops}: no images found ({len(run.skipped)} other entries skipped)", EXIT_FAILED)
+    raise typer.Exit(batch_exit_code([row["status"] for row in run.rows], strict, hidden))
 
 
 def train_grader(

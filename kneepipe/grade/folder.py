@@ -19,7 +19,7 @@ from kneepipe.files import write_csv_atomic
 from kneepipe.grade.config import GradeConfig
 from kneepipe.grade.data import grade_from_path
 from kneepipe.grade.model import decide_grades
-from kneepipe.imaging import ImageReadError, find_images, read_radiograph
+from kneepipe.imaging import ImageReadError, list_inputs, read_radiograph
 from kneepipe.metrics import grading_metrics
 
 GRADES_COLUMNS = ["crop", "kl_grade", "p0", "p1", "p2", "p3", "p4", "status", "message"]
@@ -35,7 +35,13 @@ class GradeRun:
 
     @property
     def refused(self) -> list[dict[str, Any]]:
-        return [row for row in self.rows if row["status"] != "ok"]
+        """Crops that could not be read or graded (``error`` rows)."""
+        return [row for row in self.rows if row["status"] not in ("ok", "skipped")]
+
+    @property
+    def skipped(self) -> list[dict[str, Any]]:
+        """Entries that are not read (not images, hidden, special files), with the reason."""
+        return [row for row in self.rows if row["status"] == "skipped"]
 
 
 def adjust_for_prior(
@@ -158,7 +164,8 @@ def grade_folder(
     out_dir.mkdir(parents=True, exist_ok=True)
     grader = grader or Grader.load(config.model, precision=config.precision)
     save_config(config, out_dir, extra={"input": str(crops_root), "grader": grader.version})
-    files = find_images(crops_root)
+    listing = list_inputs(crops_root, exclude=(out_dir,))
+    files = listing.files
     root = crops_root if crops_root.is_dir() else crops_root.parent
 
     rows: list[dict[str, Any]] = []
@@ -196,6 +203,8 @@ def grade_folder(
     for i, p, kl_grade in zip(graded_index, final, decided, strict=True):
         rows[i]["kl_grade"] = int(kl_grade)
         rows[i].update({f"p{g}": f"{p[g]:.4f}" for g in range(5)})
+    for entry in listing.skipped:  # every entry gets a row: these are not read, and say why
+        rows.append({"crop": str(entry.path), "status": "skipped", "message": entry.reason, "hidden": entry.hidden})
     write_csv_atomic(out_dir / "grades.csv", GRADES_COLUMNS, rows)
 
     run = GradeRun(rows, priors=priors)

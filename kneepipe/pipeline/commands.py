@@ -10,13 +10,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from kneepipe.cli_common import (
     EXIT_CONFIG,
-    EXIT_OK,
-    EXIT_SOME_REFUSED,
     ConfigOption,
     OverridesArgument,
+    StrictOption,
+    VerboseOption,
+    batch_exit_code,
     console,
     fail,
     resolve_config,
@@ -76,14 +78,20 @@ def run(
         Path | None, typer.Option("--grade-config", help="YAML overriding configs/grade.yaml.")
     ] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide the progress bar.")] = False,
+    strict: StrictOption = False,
+    verbose: VerboseOption = False,
     overrides: OverridesArgument = None,
 ) -> None:
     """Find, crop and grade every knee of every radiograph; evaluate with --labels; report with --report.
 
     Overrides: pipeline keys as key=value; the stages' keys prefixed, e.g. detect.conf=0.3 grade.batch=16.
 
-    Exit code: 0 every file graded; 3 some refused (no knee, lateral view, unreadable); 1 cannot run; 2 bad config.
+    Exit code: 0 every file got a result (graded, or not gradable / skipped with a reason); 3 some files
+    could not be read or processed; 5 with --strict when some were not graded; 1 cannot run; 2 bad config.
     """
+    from kneepipe.runtime import native_logs_hidden, set_verbosity
+
+    set_verbosity(verbose)
     from kneepipe.detect.config import DetectConfig
     from kneepipe.grade.config import GradeConfig
     from kneepipe.pipeline.config import PipelineConfig
@@ -92,17 +100,27 @@ def run(
     pipeline_cfg = resolve_config(
         PipelineConfig, config, routed["pipeline"], {"report": report, "overwrite": overwrite}
     )
-    detect_cfg = resolve_config(DetectConfig, detect_config, routed["detect"], {"model": detector_model})
+    detect_cfg = resolve_config(
+        DetectConfig, detect_config, routed["detect"], {"model": detector_model}, prefix="detect."
+    )
     grade_cfg = resolve_config(
         GradeConfig,
         grade_config,
         routed["grade"],
         {"model": grader_model, "adapt_prior": adapt_prior, "prior": prior},
+        prefix="grade.",
     )
     if not inputs.exists():
         fail(f"{inputs}: no such file or folder")
-    if labels is not None and not labels.is_file():
-        fail(f"{labels}: labels file not found")
+    if labels is not None:
+        from kneepipe.pipeline.evaluate import read_labels
+
+        if not labels.is_file():
+            fail(f"{labels}: labels file not found")
+        try:
+            read_labels(labels)  # checked before the models load: a bad line costs seconds, not minutes
+        except ValueError as err:
+            fail(str(err))
 
     import time
 
@@ -112,7 +130,8 @@ def run(
     from kneepipe.pipeline.state import OutputConflictError
 
     try:
-        detector, grader = load_models(detect_cfg, grade_cfg)
+        with native_logs_hidden():
+            detector, grader = load_models(detect_cfg, grade_cfg)
     except (OSError, ValueError, RuntimeError) as err:
         fail(f"cannot load the models: {err}")
 
@@ -155,7 +174,8 @@ def run(
         except KeyboardInterrupt:
             fail(f"interrupted; the same command continues where it stopped (journal in {out})")
     print_summary(result)
-    raise typer.Exit(EXIT_SOME_REFUSED if result.refused else EXIT_OK)
+    hidden = sum(bool(entry["hidden"]) for entry in result.skipped)
+    raise typer.Exit(batch_exit_code([row["status"] for row in result.rows], strict, hidden))
 
 
 def print_summary(result) -> None:
@@ -169,22 +189,42 @@ def print_summary(result) -> None:
     rate = f"; {s['images_per_s']} radiographs/s, {s['knees_per_s']} knees/s" if s.get("images_per_s") else ""
     console.print(
         f"[bold]{s['images']} radiographs{resumed}: {s['images_read']} read, {s['knees_graded']} knees graded, "
-        f"{len(s['refused_files'])} refused[/]{rate}"
+        f"{len(s['refused_files'])} refused[/]{rate}",
+        highlight=False,
     )
     counts = "  ".join(f"KL{g} {c}" for g, c in zip(KL_GRADES, s["grade_counts"], strict=True))
     console.print(f"grades: {counts}")
     for group, tally in (s.get("groups") or {}).items():
         group_counts = "  ".join(f"KL{g} {c}" for g, c in zip(KL_GRADES, tally["grade_counts"], strict=True))
-        console.print(f"  {group}: {tally['images']} radiographs, {tally['knees_graded']} knees: {group_counts}")
+        console.print(
+            f"  {escape(group)}: {tally['images']} radiographs, {tally['knees_graded']} knees: {group_counts}",
+            highlight=False,
+        )
     if s["refused"]:
         console.print("refused: " + ", ".join(f"{status} {n}" for status, n in s["refused"].items()))
         for row in s["refused_files"][:MAX_LISTED]:
-            console.print(f"  [yellow]{row['status']}[/] {row['image']}: {row['message']}")
+            console.print(
+                f"  [yellow]{row['status']}[/] {escape(row['image'])}: {escape(row['message'])}", highlight=False
+            )
         if len(s["refused_files"]) > MAX_LISTED:
             console.print(f"  ... and {len(s['refused_files']) - MAX_LISTED} more (see results.csv)")
+    if s.get("skipped") or s.get("skipped_hidden"):
+        console.print(
+            f"skipped: {s['skipped']} entries that are not radiographs, and {s['skipped_hidden']} hidden "
+            "(each has a row in results.csv)"
+        )
+        for row in s["skipped_entries"][:MAX_LISTED]:
+            console.print(f"  [dim]skipped[/] {escape(row['image'])}: {escape(row['message'])}", highlight=False)
+        if len(s["skipped_entries"]) > MAX_LISTED:
+            console.print(f"  ... and {len(s['skipped_entries']) - MAX_LISTED} more (see results.csv)")
+    if s.get("links_outside_input"):
+        console.print(
+            f"{len(s['links_outside_input'])} file(s) read through links pointing outside the input folder "
+            "(links to files are followed; see their messages)"
+        )
     prior_line = prior_summary(s.get("priors", {}))
     if prior_line:
-        console.print(f"grade prior: {prior_line}")
+        console.print(f"grade prior: {escape(prior_line)}", highlight=False)
     if result.metrics:
         m = result.metrics
         console.print(
@@ -195,4 +235,4 @@ def print_summary(result) -> None:
         console.print(f"graded knees only: accuracy {m['graded_only']['accuracy']}, QWK {m['graded_only']['qwk']}")
     written = ["results.csv", "summary.json"] + (["metrics.json"] if result.metrics else [])
     written += ["report.html"] if result.report else []
-    console.print(f"-> {result.out_dir}/: {', '.join(written)}")
+    console.print(f"-> {escape(str(result.out_dir))}/: {', '.join(written)}", highlight=False)

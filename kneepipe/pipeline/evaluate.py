@@ -23,6 +23,7 @@ not scored.
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,50 +52,95 @@ class LabelledKnee:
 def read_labels(path: str | Path) -> list[LabelledKnee]:
     """Read a labels CSV (``image,side,kl_grade`` and optionally ``x1,y1,x2,y2``).
 
+    Forgiving where the meaning is clear: a semicolon-delimited file (as spreadsheets in
+    many locales save) is read as such, spaces around header names and values are
+    stripped, and a grade written ``2.0`` is grade 2. Strict where it is not: every other
+    problem names the file and the line.
+
     Raises:
-        ValueError: a missing column or a bad value, naming the file and the line.
+        ValueError: the file is not UTF-8, a column is missing, a value is bad (a side,
+            a grade that is no whole number 0-4, an inverted or non-finite box), or a knee
+            is labelled twice; naming the file and the line.
 
     >>> read_labels("composites/labels.csv")[0]  # doctest: +SKIP
     LabelledKnee(image='composite_00000.jpg', side='R', kl_grade=2, box=(80.5, 95.1, 291.0, 305.6))
     """
     path = Path(path)
     try:
-        handle = path.open(newline="", encoding="utf-8-sig")
+        data = path.read_bytes()
     except OSError as err:
         raise ValueError(f"{path}: cannot read the labels ({err.strerror or err})") from err
-    with handle:
-        reader = csv.DictReader(handle)
-        columns = set(reader.fieldnames or [])
-        missing = {"image", "side", "kl_grade"} - columns
-        if missing:
-            absent = ", ".join(sorted(missing))
-            raise ValueError(f"{path}: labels need the columns image,side,kl_grade (missing: {absent})")
-        with_boxes = {"x1", "y1", "x2", "y2"} <= columns
-        labels, seen = [], set()
-        for line, row in enumerate(reader, start=2):
-            side = (row["side"] or "").strip().upper()
-            if side not in ("R", "L"):
-                raise ValueError(f"{path}:{line}: side must be R or L, got {row['side']!r}")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        byte = data[err.start : err.start + 1].hex()
+        raise ValueError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{byte}); the file looks like Latin-1 or Windows-1252: "
+            "save it as UTF-8 (e.g. 'CSV UTF-8' in a spreadsheet)"
+        ) from None
+    lines = text.splitlines()
+    header = lines[0] if lines else ""
+    delimiter = ";" if header.count(";") > header.count(",") else ","
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
+    columns = [name.strip().lower() for name in next(reader, [])]
+    missing = {"image", "side", "kl_grade"} - set(columns)
+    if missing:
+        absent = ", ".join(sorted(missing))
+        raise ValueError(
+            f"{path}:1: labels need the columns image,side,kl_grade (missing: {absent}; the header is {header!r})"
+        )
+    index = {name: columns.index(name) for name in columns}
+    with_boxes = {"x1", "y1", "x2", "y2"} <= set(columns)
+    labels: list[LabelledKnee] = []
+    seen: dict[tuple[str, str, tuple | None], tuple[int, int]] = {}
+    for row in reader:
+        line = reader.line_num
+        if not any(cell.strip() for cell in row):
+            continue  # a blank line
+        if len(row) != len(columns):
+            raise ValueError(f"{path}:{line}: {len(row)} fields, but the header has {len(columns)}")
+        cell = {name: row[i].strip() for name, i in index.items()}
+        side = cell["side"].upper()
+        if side not in ("R", "L"):
+            raise ValueError(f"{path}:{line}: side must be R or L, got {cell['side']!r}")
+        grade = _whole_grade(cell["kl_grade"])
+        if grade is None:
+            raise ValueError(f"{path}:{line}: kl_grade must be 0-4 (a whole grade), got {cell['kl_grade']!r}")
+        image = cell["image"]
+        if not image:
+            raise ValueError(f"{path}:{line}: empty image name")
+        box = None
+        if with_boxes and all(cell[k] for k in ("x1", "y1", "x2", "y2")):
             try:
-                grade = int(str(row["kl_grade"]).strip())
+                box = tuple(float(cell[k]) for k in ("x1", "y1", "x2", "y2"))
             except ValueError:
-                raise ValueError(f"{path}:{line}: kl_grade must be 0-4, got {row['kl_grade']!r}") from None
-            if grade not in KL_GRADES:
-                raise ValueError(f"{path}:{line}: kl_grade must be 0-4, got {grade}")
-            image = (row["image"] or "").strip()
-            if not image:
-                raise ValueError(f"{path}:{line}: empty image name")
-            box = None
-            if with_boxes and all((row[k] or "").strip() for k in ("x1", "y1", "x2", "y2")):
-                try:
-                    box = tuple(float(row[k]) for k in ("x1", "y1", "x2", "y2"))
-                except ValueError:
-                    raise ValueError(f"{path}:{line}: the box x1,y1,x2,y2 must be numbers") from None
-            if (image, side) in seen and box is None:
-                raise ValueError(f"{path}:{line}: {image} side {side} is labelled twice (add boxes to tell them apart)")
-            seen.add((image, side))
-            labels.append(LabelledKnee(image, side, grade, box))
+                raise ValueError(f"{path}:{line}: the box x1,y1,x2,y2 must be numbers") from None
+            if not all(np.isfinite(box)):
+                raise ValueError(f"{path}:{line}: the box x1,y1,x2,y2 must be finite numbers, got {box}")
+            if box[2] <= box[0] or box[3] <= box[1]:
+                raise ValueError(f"{path}:{line}: the box is inverted or empty (need x1 < x2 and y1 < y2), got {box}")
+        key = (image, side, box)
+        if key in seen or (box is None and any(k[:2] == (image, side) for k in seen)):
+            first_line, first_grade = seen.get(key) or next(v for k, v in seen.items() if k[:2] == (image, side))
+            what = "with the same box" if box else "add boxes to tell two knees of one side apart"
+            grades = f"KL{grade} here, KL{first_grade} on line {first_line}"
+            differ = f"with different grades ({grades})" if first_grade != grade else f"(also line {first_line})"
+            raise ValueError(f"{path}:{line}: {image} side {side} is labelled twice {differ}; {what}")
+        seen[key] = (line, grade)
+        labels.append(LabelledKnee(image, side, grade, box))
     return labels
+
+
+def _whole_grade(text: str) -> int | None:
+    """A KL grade from its text: ``2`` or ``2.0`` is 2; anything else (``2.5``, ``x``, ``5``) is None."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    if not np.isfinite(value) or not value.is_integer() or int(value) not in KL_GRADES:
+        return None
+    return int(value)
 
 
 def _image_keys(name: str) -> tuple[str, str]:

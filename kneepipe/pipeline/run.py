@@ -10,7 +10,9 @@ while memory holds only the radiographs in flight. At the end the grades are fin
 ``report.html`` are written in one piece each.
 
 A file that cannot be read, shows no knee or a view that cannot be graded gets one row
-with its status and reason; nothing about one file stops the batch.
+with its status and reason; nothing about one file stops the batch. Every other entry
+under the input folder (a text file, a hidden file, a FIFO, a broken link) gets a
+``skipped`` row with the reason it was not read.
 
 >>> from kneepipe.config import load_config
 >>> run = run_pipeline("raw/", "out/", load_config(PipelineConfig), load_config(DetectConfig),
@@ -37,9 +39,9 @@ import numpy as np
 
 from kneepipe import KL_GRADES, __version__
 from kneepipe.config import save_config, to_dict
-from kneepipe.files import write_atomic, write_csv_atomic
-from kneepipe.imaging import ImageReadError, Radiograph, find_images
-from kneepipe.joints import STATUS_ERROR, STATUS_OK, Detection, Joint
+from kneepipe.files import output_keys, write_atomic, write_csv_atomic
+from kneepipe.imaging import ImageReadError, Radiograph, list_inputs
+from kneepipe.joints import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, Detection, Joint
 from kneepipe.pipeline.config import PipelineConfig
 from kneepipe.pipeline.evaluate import EVALUATION_COLUMNS, end_to_end_metrics, match_labels, read_labels
 from kneepipe.pipeline.state import (
@@ -93,6 +95,8 @@ class PipelineRun:
         processed: images processed by this call.
         seconds: wall time of this call's processing (decode to last grade).
         report: the report file, when one was written.
+        skipped: the entries under the input folder that were not read, each with its
+            ``image`` name, ``status`` (``skipped``), ``message`` (the reason) and ``hidden``.
     """
 
     out_dir: Path
@@ -105,6 +109,7 @@ class PipelineRun:
     processed: int = 0
     seconds: float = 0.0
     report: Path | None = None
+    skipped: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def refused(self) -> list[dict[str, Any]]:
@@ -167,9 +172,13 @@ def run_pipeline(
     inputs, out_dir = Path(inputs), Path(out_dir)
     labelled = read_labels(labels) if labels else None
     root = inputs if inputs.is_dir() else inputs.parent
-    files = [path for path in find_images(inputs) if not _is_inside(path, out_dir)]
+    listing = list_inputs(inputs, exclude=(out_dir,))
+    files = [path for path in listing.files if not _is_inside(path, out_dir)]
     if not files:
-        raise FileNotFoundError(f"{inputs}: no radiographs found (PNG, JPEG, TIFF or DICOM)")
+        skipped = f" ({len(listing.skipped)} other entries skipped: not images, hidden or special)"
+        raise FileNotFoundError(
+            f"{inputs}: no radiographs found (PNG, JPEG, TIFF or DICOM){skipped if listing.skipped else ''}"
+        )
     if detector is None or grader is None:
         loaded_detector, loaded_grader = load_models(detect_cfg, grade_cfg, detector is None, grader is None)
         detector, grader = detector or loaded_detector, grader or loaded_grader
@@ -202,7 +211,9 @@ def run_pipeline(
     repair_journal(journal)
     done = read_journal(journal)
     names = {path: relative_name(path, root) for path in files}
-    keys = _output_keys([names[path] for path in files])
+    keys = output_keys([names[path] for path in files])
+    outside = set(listing.outside_links)
+    notes = {names[path]: "read through a link to a file outside the input folder" for path in files if path in outside}
     todo = [path for path in files if names[path] not in done]
     resumed = len(files) - len(todo)
     if progress:
@@ -217,6 +228,7 @@ def run_pipeline(
         pipeline_cfg.prefetch,
         pipeline_cfg.decode_workers,
         prepare=(lambda radiograph: thumbnail_jpeg(radiograph, size)) if size else None,
+        max_pixels=detect_cfg.max_pixels,
     )
     # Detection runs here while up to `grade_workers` earlier steps are graded and saved in
     # threads (both frameworks release the GIL while they compute). Steps are journaled in
@@ -238,7 +250,9 @@ def run_pipeline(
         for step in _steps(stream, pipeline_cfg.batch):
             detections = _detect_step(detector, step)
             in_flight.append(
-                grading.submit(_grade_step, step, detections, names, keys, out_dir, pipeline_cfg, grade_cfg, grader)
+                grading.submit(
+                    _grade_step, step, detections, names, keys, out_dir, pipeline_cfg, grade_cfg, grader, notes
+                )
             )
             settle(wait_for=pipeline_cfg.grade_workers)
         settle(wait_for=0)
@@ -263,6 +277,16 @@ def run_pipeline(
         knees_processed=knees_processed,
         seconds=seconds,
         configs=configs,
+        skipped=[
+            {
+                "image": relative_name(entry.path, root),
+                "status": STATUS_SKIPPED,
+                "message": entry.reason,
+                "hidden": entry.hidden,
+            }
+            for entry in listing.skipped
+        ],
+        outside_links=sorted(names[path] for path in files if path in outside),
     )
 
 
@@ -280,8 +304,15 @@ def finish_run(
     knees_processed: int = 0,
     seconds: float = 0.0,
     configs: dict[str, Any] | None = None,
+    skipped: Sequence[dict[str, Any]] = (),
+    outside_links: Sequence[str] = (),
 ) -> PipelineRun:
-    """Final grades over the whole batch, then ``results.csv``, summaries, metrics and the report."""
+    """Final grades over the whole batch, then ``results.csv``, summaries, metrics and the report.
+
+    ``skipped`` entries (not read: not images, hidden, special files) get a row each at
+    the end of ``results.csv`` and a count in the summary; ``outside_links`` names the
+    inputs read through a link that points out of the input folder.
+    """
     from kneepipe.grade.folder import adjust_for_prior
 
     knees = [(name, knee) for name, record in images.items() for knee in record["knees"] if knee["status"] == STATUS_OK]
@@ -296,9 +327,17 @@ def finish_run(
         knee["probabilities"] = [float(v) for v in p]
         knee["kl_grade"] = int(kl_grade)
 
-    rows = _results_rows(images)
+    rows = _results_rows(images) + [
+        {"image": entry["image"], "status": entry["status"], "message": entry["message"]} for entry in skipped
+    ]
     write_csv_atomic(out_dir / "results.csv", RESULTS_COLUMNS, rows)
     summary = batch_summary(images, pipeline_cfg.group_pattern)
+    summary.update(
+        skipped=sum(not entry["hidden"] for entry in skipped),
+        skipped_hidden=sum(bool(entry["hidden"]) for entry in skipped),
+        skipped_entries=[{"image": e["image"], "message": e["message"]} for e in skipped if not e["hidden"]],
+        links_outside_input=list(outside_links),
+    )
     summary.update(
         input=inputs,
         detector=detector_version,
@@ -311,7 +350,9 @@ def finish_run(
         knees_per_s=round(knees_processed / seconds, 3) if seconds > 0 and processed else None,
         finished=datetime.now(UTC).isoformat(timespec="seconds"),
     )
-    run = PipelineRun(out_dir, rows, images, summary, resumed=resumed, processed=processed, seconds=seconds)
+    run = PipelineRun(
+        out_dir, rows, images, summary, resumed=resumed, processed=processed, seconds=seconds, skipped=list(skipped)
+    )
 
     if labelled is not None:
         graded = [
@@ -356,18 +397,6 @@ def _is_inside(path: Path, folder: Path) -> bool:
         return True
     except ValueError:
         return False
-
-
-def _output_keys(names: Sequence[str]) -> dict[str, str]:
-    """A file-name-safe key per input for its crops and thumbnail, unique within the run."""
-
-    def flat(name: str, keep_suffix: bool) -> str:
-        stem = name if keep_suffix else str(Path(name).with_suffix(""))
-        return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem.replace("/", "__"))
-
-    short = {name: flat(name, keep_suffix=False) for name in names}
-    counts = Counter(short.values())
-    return {name: short[name] if counts[short[name]] == 1 else flat(name, keep_suffix=True) for name in names}
 
 
 def _write_png(path: Path, pixels: np.ndarray) -> None:
@@ -454,10 +483,17 @@ def _grade_step(
     pipeline_cfg: PipelineConfig,
     grade_cfg,
     grader,
+    notes: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Grade and save one detected step of radiographs; returns their journal records."""
+    """Grade and save one detected step of radiographs; returns their journal records.
+
+    Whatever goes wrong with one file (a crop that cannot be written, a full disk for its
+    thumbnail, anything unexpected) ends in that file's record, so the step is journaled
+    and a rerun does not meet the same failure again.
+    """
     joints = [joint for detection in detections.values() for joint in detection.joints]  # in step order
-    graded = iter(_grade(grader, [joint.crop for joint in joints], grade_cfg.batch))
+    graded = _grade(grader, [joint.crop for joint in joints], grade_cfg.batch)
+    logits_by_joint = {id(joint): logits for joint, logits in zip(joints, graded, strict=True)}
 
     records = []
     for path, item, thumbnail in step:
@@ -477,47 +513,86 @@ def _grade_step(
             record["message"] = item.reason
             records.append(record)
             continue
-        detection = detections[id(item)]
-        record.update(
-            status=detection.status,
-            message=detection.message,
-            original_size=list(item.original_size),
-            scale=item.scale,
-        )
-        if thumbnail is not None:
-            jpeg, thumbnail_scale = thumbnail
+        try:
+            _fill_record(
+                record, item, thumbnail, detections[id(item)], logits_by_joint, keys[name], out_dir, pipeline_cfg
+            )
+        except Exception as err:  # this file's problem only: its record says what happened
+            record.update(status=STATUS_ERROR, message=f"processing failed ({type(err).__name__}: {err})", knees=[])
+        file_notes = [
+            note for note in ((notes or {}).get(name), *item.notes, record.pop("thumbnail_error", "")) if note
+        ]
+        if file_notes:
+            _add_note(record, "; ".join(file_notes))
+        records.append(record)
+    return records
+
+
+def _add_note(record: dict[str, Any], note: str) -> None:
+    """Add a note to a record's message and to each of its knees' messages."""
+    targets = record["knees"] or [record]
+    for target in targets:
+        target["message"] = f"{target['message']}; {note}" if target["message"] else note
+    if record["knees"] and not record["message"]:
+        record["message"] = note
+
+
+def _fill_record(
+    record: dict[str, Any],
+    radiograph: Radiograph,
+    thumbnail,
+    detection: Detection,
+    logits_by_joint: dict[int, np.ndarray | str],
+    key: str,
+    out_dir: Path,
+    pipeline_cfg: PipelineConfig,
+) -> None:
+    """One radiograph's record: its detection, graded knees, written crops and thumbnail."""
+    record.update(
+        status=detection.status,
+        message=detection.message,
+        original_size=list(radiograph.original_size),
+        scale=radiograph.scale,
+    )
+    if thumbnail is not None:
+        jpeg, thumbnail_scale = thumbnail
+        try:
             (out_dir / "thumbnails").mkdir(exist_ok=True)
-            write_atomic(out_dir / f"thumbnails/{keys[name]}.jpg", jpeg)
-            record.update(thumbnail=f"thumbnails/{keys[name]}.jpg", thumbnail_scale=thumbnail_scale)
-        note = _joint_notes(detection.joints)
-        seen: Counter = Counter()
-        for joint in detection.joints:
-            logits = next(graded)
-            seen[joint.side] += 1
-            knee: dict[str, Any] = {
-                "side": joint.side,
-                "box": [round(float(v), 1) for v in joint.box],
-                "det_confidence": round(float(joint.confidence), 4),
-                "crop": "",
-                "status": STATUS_OK,
-                "message": note,
-                "logits": None,
-            }
-            if isinstance(logits, str):
-                knee.update(status=STATUS_ERROR, message=logits)
-            else:
-                knee["logits"] = [round(float(v), 6) for v in logits]
-            if pipeline_cfg.save_crops:
-                suffix = "" if seen[joint.side] == 1 else str(seen[joint.side])
-                crop_name = f"crops/{keys[name]}_{joint.side}{suffix}.png"
+            write_atomic(out_dir / f"thumbnails/{key}.jpg", jpeg)
+            record.update(thumbnail=f"thumbnails/{key}.jpg", thumbnail_scale=thumbnail_scale)
+        except OSError as err:  # the report goes without it; the grades do not depend on it
+            record["thumbnail_error"] = f"thumbnail not saved ({err.strerror or err})"
+    note = "; ".join(filter(None, [detection.message if detection.joints else "", _joint_notes(detection.joints)]))
+    seen: Counter = Counter()
+    for joint in detection.joints:
+        logits = logits_by_joint[id(joint)]
+        seen[joint.side] += 1
+        knee: dict[str, Any] = {
+            "side": joint.side,
+            "box": [round(float(v), 1) for v in joint.box],
+            "det_confidence": round(float(joint.confidence), 4),
+            "crop": "",
+            "status": STATUS_OK,
+            "message": note,
+            "logits": None,
+        }
+        if isinstance(logits, str):
+            knee.update(status=STATUS_ERROR, message=logits)
+        else:
+            knee["logits"] = [round(float(v), 6) for v in logits]
+        if pipeline_cfg.save_crops:
+            suffix = "" if seen[joint.side] == 1 else str(seen[joint.side])
+            crop_name = f"crops/{key}_{joint.side}{suffix}.png"
+            try:
                 (out_dir / "crops").mkdir(exist_ok=True)
                 _write_png(out_dir / crop_name, joint.crop)
                 knee["crop"] = crop_name
-            record["knees"].append(knee)
-        if record["knees"] and all(knee["status"] != STATUS_OK for knee in record["knees"]):
-            record.update(status=STATUS_ERROR, message=record["knees"][0]["message"])
-        records.append(record)
-    return records
+            except OSError as err:  # graded all the same; the row says the crop is missing
+                problem = f"crop not saved ({err.strerror or err})"
+                knee["message"] = f"{knee['message']}; {problem}" if knee["message"] else problem
+        record["knees"].append(knee)
+    if record["knees"] and all(knee["status"] != STATUS_OK for knee in record["knees"]):
+        record.update(status=STATUS_ERROR, message=record["knees"][0]["message"])
 
 
 def thumbnail_jpeg(radiograph: Radiograph, size: int) -> tuple[bytes, float]:

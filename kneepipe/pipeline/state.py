@@ -4,13 +4,16 @@ A run folder holds ``args.yaml`` with the run's *fingerprint*: a hash of the inp
 (path, size, modification time), the two model versions and every config key that
 changes a result. Starting ``kneepipe run`` on a folder that holds
 
-* nothing: a new run;
+* nothing (or only hidden files): a new run;
 * the same fingerprint: the interrupted run is resumed from its journal;
-* another fingerprint, or outputs without one: refused with a message saying what
-  differs.
+* another run's fingerprint: refused with a message saying what differs;
+* anything else (a user's own files): refused, so a run never mixes its outputs into
+  a folder of other files by accident.
 
-With ``overwrite`` set, the run's outputs in the folder are removed first and the run
-starts afresh (other files in the folder are left alone).
+With ``overwrite`` set, an earlier run's outputs are removed first, and only what that
+run wrote: its fixed-name outputs and the crops and thumbnails its journal lists. A
+user's own files, also inside ``crops/``, are left alone. A folder without a run is
+written into as it is (files of the run's output names are replaced).
 
 The journal (``journal.jsonl``) gets one JSON line per processed radiograph, appended
 whole and flushed to disk after every pipeline step, so a kill loses at most the step
@@ -20,10 +23,10 @@ in flight. A line cut short by a kill is ignored when the journal is read back, 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -126,32 +129,65 @@ def file_digest(path: Path) -> str:
 def prepare_output(out_dir: Path, parts: Mapping[str, str], overwrite: bool) -> bool:
     """Check the output folder against this run; returns True when an earlier run is resumed.
 
-    With ``overwrite``, the outputs of any earlier run are removed and False is returned.
+    With ``overwrite``, an earlier run's outputs are removed (:func:`remove_run_outputs`)
+    and False is returned.
 
     Raises:
-        OutputConflictError: the folder holds another run's outputs and ``overwrite`` is off.
+        OutputConflictError: the folder holds another run, or files that are not a run,
+            and ``overwrite`` is off.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    existing = [name for name in RUN_OUTPUTS if (out_dir / name).exists()]
-    if not existing:
-        return False
-    if overwrite:
-        for name in existing:
-            target = out_dir / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
+    visible = sorted(entry.name for entry in out_dir.iterdir() if not entry.name.startswith("."))
+    if not visible:
         return False
     previous = _read_args(out_dir / ARGS)
     previous_parts = previous.get("fingerprint_parts")
-    if isinstance(previous_parts, dict) and previous.get("fingerprint") == fingerprint(parts):
+    is_run = isinstance(previous_parts, dict)
+    if overwrite:
+        if is_run:
+            remove_run_outputs(out_dir)
+        return False
+    if is_run and previous.get("fingerprint") == fingerprint(parts):
         return True
-    if isinstance(previous_parts, dict):
+    if is_run:
         changed = sorted(k for k in set(parts) | set(previous_parts) if parts.get(k) != previous_parts.get(k))
         reason = f"a different run (differs in: {', '.join(changed)})"
+        advice = "pass --overwrite to replace that run's outputs"
     else:
-        reason = f"outputs of something else ({', '.join(existing)}) without a kneepipe run fingerprint"
-    raise OutputConflictError(
-        f"{out_dir} holds {reason}; choose another --out, or pass --overwrite to replace those outputs"
-    )
+        shown = ", ".join(visible[:5]) + (f" and {len(visible) - 5} more" if len(visible) > 5 else "")
+        reason = f"files that are not a kneepipe run ({shown})"
+        advice = "pass --overwrite to write the run among them"
+    raise OutputConflictError(f"{out_dir} holds {reason}; choose another --out, or {advice}")
+
+
+def remove_run_outputs(out_dir: Path) -> list[Path]:
+    """Remove what a kneepipe run wrote into ``out_dir``, and nothing else; returns what was removed.
+
+    The fixed-name outputs (:data:`RUN_OUTPUTS` files) go, and of ``crops/`` and
+    ``thumbnails/`` only the files the run's journal lists; the folders go when left empty.
+    """
+    written = {out_dir / name for name in RUN_OUTPUTS if name not in ("crops", "thumbnails")}
+    for record in read_journal(out_dir / JOURNAL).values():
+        if record.get("thumbnail"):
+            written.add(out_dir / record["thumbnail"])
+        written.update(out_dir / knee["crop"] for knee in record.get("knees", []) if knee.get("crop"))
+    removed = []
+    for path in sorted(written):
+        if _is_within(path, out_dir) and (path.is_file() or path.is_symlink()):
+            path.unlink()
+            removed.append(path)
+    for folder in ("crops", "thumbnails"):
+        with contextlib.suppress(OSError):  # not there, or holding a user's files
+            (out_dir / folder).rmdir()
+    return removed
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except (ValueError, OSError):
+        return False
 
 
 def _read_args(path: Path) -> dict[str, Any]:

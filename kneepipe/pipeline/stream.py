@@ -16,19 +16,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from kneepipe.imaging import ImageReadError, Radiograph, read_radiograph
+from kneepipe.imaging import MAX_PIXELS, ImageReadError, Radiograph, read_radiograph
 
 _DONE = object()
 
 
-def read_or_reason(path: Path, max_side: int) -> Radiograph | ImageReadError:
+def read_or_reason(path: Path, max_side: int, max_pixels: int = MAX_PIXELS) -> Radiograph | ImageReadError:
     """Read one radiograph; a file that cannot be read becomes its :class:`ImageReadError`.
 
-    Anything else going wrong in a decoder (a corrupt stream, too little memory for one
-    file) is turned into an error for that file too, so one file never stops a batch.
+    :func:`read_radiograph` already turns any decoder failure into an ``ImageReadError``;
+    this is the last guard, so one file never stops a batch.
     """
     try:
-        return read_radiograph(path, max_side=max_side)
+        return read_radiograph(path, max_side=max_side, max_pixels=max_pixels)
     except ImageReadError as err:
         return err
     except MemoryError:
@@ -37,8 +37,8 @@ def read_or_reason(path: Path, max_side: int) -> Radiograph | ImageReadError:
         return ImageReadError(path, f"cannot decode ({type(err).__name__}: {err})")
 
 
-def _read_and_prepare(path: Path, max_side: int, prepare) -> tuple[Radiograph | ImageReadError, Any]:
-    item = read_or_reason(path, max_side)
+def _read_and_prepare(path: Path, max_side: int, prepare, max_pixels: int) -> tuple[Radiograph | ImageReadError, Any]:
+    item = read_or_reason(path, max_side, max_pixels)
     if prepare is None or isinstance(item, ImageReadError):
         return item, None
     try:
@@ -53,6 +53,7 @@ def decoded_radiographs(
     prefetch: int = 32,
     workers: int = 1,
     prepare: Callable[[Radiograph], Any] | None = None,
+    max_pixels: int = MAX_PIXELS,
 ) -> Iterator[tuple[Path, Radiograph | ImageReadError, Any]]:
     """Yield ``(path, radiograph or read error, prepared)`` in input order, decoding ahead in threads.
 
@@ -64,6 +65,7 @@ def decoded_radiographs(
         prepare: optional work on each decoded radiograph done in the decoding thread
             too (e.g. a thumbnail), so it overlaps with the models; its result comes
             third (None for files that could not be read).
+        max_pixels: the pixel budget: larger images are refused from their header.
 
     >>> for path, radiograph, _ in decoded_radiographs(paths, max_side=4096):  # doctest: +SKIP
     ...     print(path, getattr(radiograph, "pixels", radiograph).shape)
@@ -87,7 +89,7 @@ def decoded_radiographs(
                 for path in paths:
                     if stop.is_set():
                         break
-                    in_flight.append((path, pool.submit(_read_and_prepare, path, max_side, prepare)))
+                    in_flight.append((path, pool.submit(_read_and_prepare, path, max_side, prepare, max_pixels)))
                     while len(in_flight) >= workers and not stop.is_set():
                         done_path, future = in_flight.popleft()
                         put((done_path, *future.result()))
