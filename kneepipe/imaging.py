@@ -55,7 +55,7 @@ SUPPORTED_SUFFIXES = RASTER_SUFFIXES + DICOM_SUFFIXES
 
 MIN_SIDE = 32  # px; nothing smaller can show a knee joint
 MAX_SIDE_LIMIT = 40_000  # px; refused from the header, before decoding
-MAX_PIXELS = 60_000_000  # the default pixel budget (detect.yaml's max_pixels); 60 MP at 0.1 mm is 77x77 cm of film
+MAX_PIXELS = 80_000_000  # the default pixel budget (detect.yaml's max_pixels): a 43x43 cm film at 0.05 mm is 74 MP
 PERCENTILE_WINDOW = (0.5, 99.5)  # % of pixels clipped at each end for windowless images
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -174,13 +174,13 @@ def read_radiograph(path: str | os.PathLike, max_side: int = 4096, max_pixels: i
 
 
 def _read(path: Path, max_side: int, max_pixels: int) -> Radiograph:
-    data = _read_file(path, max_pixels)
+    head = _check_file(path, max_pixels)
     facts: dict = {}
     notes: list[str] = []
-    if sniff_format(data[:132]) == "DICOM" or path.suffix.lower() in DICOM_SUFFIXES:
-        gray, size, bit_depth, facts = _decode_dicom(path, data, max_side, max_pixels)
+    if sniff_format(head) == "DICOM" or path.suffix.lower() in DICOM_SUFFIXES:
+        gray, size, bit_depth, facts = _decode_dicom(path, head, max_side, max_pixels)
     else:
-        gray, size, bit_depth, notes = _decode_raster(path, data, max_side, max_pixels)
+        gray, size, bit_depth, notes = _decode_raster(path, _read_bytes(path), max_side, max_pixels)
     width, height = size
     return Radiograph(
         pixels=np.ascontiguousarray(gray),
@@ -394,7 +394,8 @@ def _head(path: Path) -> bytes | str:
         return f"cannot read the file ({err.strerror or err})"
 
 
-def _read_file(path: Path, max_pixels: int) -> bytes:
+def _check_file(path: Path, max_pixels: int) -> bytes:
+    """The first 132 bytes of a file that may be an image; anything else is refused with the reason."""
     if path.is_dir():
         raise ImageReadError(path, "is a folder, not an image file")
     if not path.exists():
@@ -426,12 +427,25 @@ def _read_file(path: Path, max_pixels: int) -> bytes:
                 raise ImageReadError(
                     path, f"file too large ({os.fstat(handle.fileno()).st_size >> 20} MB) for the pixel budget"
                 )
-            return head + handle.read()
+            return head
     except OSError as err:
         raise ImageReadError(path, f"cannot read the file ({err.strerror or err})") from err
 
 
-def _check_size(path: Path, width: int, height: int, max_pixels: int = MAX_PIXELS) -> None:
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise ImageReadError(path, f"cannot read the file ({err.strerror or err})") from err
+
+
+def _check_size(path: Path, width: int, height: int, max_pixels: int = MAX_PIXELS, bytes_per_pixel: int = 1) -> None:
+    """Refuse from the header what is too small, over the pixel budget, or too much data to decode.
+
+    Besides ``max_pixels``, the decoded data may be at most that of a 16-bit grayscale film
+    at the budget (2 bytes a pixel): a colour or 16-bit colour image of the same size
+    would cost its decoder three to four times the memory.
+    """
     if width < MIN_SIDE or height < MIN_SIDE:
         reason = f"image too small ({width}x{height} px; need at least {MIN_SIDE} px a side)"
         raise ImageReadError(path, reason)
@@ -441,6 +455,14 @@ def _check_size(path: Path, width: int, height: int, max_pixels: int = MAX_PIXEL
             f"image too large ({width}x{height} px = {width * height / 1e6:.0f} megapixels; over the pixel budget "
             f"of {max_pixels / 1e6:g} megapixels or {MAX_SIDE_LIMIT} px a side; refused before decoding: "
             "raise detect.max_pixels to read it)",
+        )
+    decoded = width * height * bytes_per_pixel
+    if decoded > 2 * max_pixels:
+        raise ImageReadError(
+            path,
+            f"image too large to decode within the memory budget ({width}x{height} px of {bytes_per_pixel} bytes = "
+            f"{decoded >> 20} MB decoded; the budget is {(2 * max_pixels) >> 20} MB, a 16-bit grayscale film of "
+            f"{max_pixels / 1e6:g} megapixels: save it as grayscale, or raise detect.max_pixels)",
         )
 
 
@@ -458,8 +480,8 @@ def _shrink(values: np.ndarray, max_side: int) -> np.ndarray:
 
 def _decode_raster(path: Path, data: bytes, max_side: int, max_pixels: int) -> tuple[np.ndarray, tuple, int, list]:
     """PNG/JPEG/TIFF bytes -> (2-D uint8, upright size, stored bit depth, notes), size checked from the header."""
-    kind, width, height = _raster_header(path, data)
-    _check_size(path, width, height, max_pixels)
+    kind, width, height, bytes_per_pixel = _raster_header(path, data)
+    _check_size(path, width, height, max_pixels, bytes_per_pixel)
     notes = []
     # Some decoders return a partly grey image for a cut-off file; the end markers don't lie.
     if kind == "JPEG" and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
@@ -555,13 +577,15 @@ def _orient(pixels: np.ndarray, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(oriented)
 
 
-def _raster_header(path: Path, data: bytes) -> tuple[str, int, int]:
-    """(format, width, height) from the first bytes, without decoding any pixel."""
+def _raster_header(path: Path, data: bytes) -> tuple[str, int, int, int]:
+    """(format, width, height, bytes a decoded pixel takes) from the header, without decoding any pixel."""
     try:
         if data.startswith(_PNG_SIGNATURE):
             if data[12:16] != b"IHDR":
                 raise ValueError("first chunk is not IHDR")
-            return ("PNG", *struct.unpack_from(">II", data, 16))
+            width, height, depth, colour = struct.unpack_from(">IIBB", data, 16)
+            channels = {0: 1, 2: 3, 3: 4, 4: 2, 6: 4}.get(colour, 4)  # a palette decodes to BGR(A)
+            return "PNG", width, height, channels * (2 if depth == 16 else 1)
         if data.startswith(b"\xff\xd8\xff"):
             return ("JPEG", *_jpeg_size(data))
         if data[:4] in _TIFF_SIGNATURES:
@@ -574,7 +598,7 @@ def _raster_header(path: Path, data: bytes) -> tuple[str, int, int]:
     raise ImageReadError(path, f"not a PNG, JPEG, TIFF or DICOM image (file starts with {start})")
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int]:
+def _jpeg_size(data: bytes) -> tuple[int, int, int]:
     offset = 2
     while offset + 4 <= len(data):
         if data[offset] != 0xFF:
@@ -583,8 +607,8 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
         if marker == 0xFF:  # fill byte
             offset += 1
         elif marker in _JPEG_SOF_MARKERS:
-            height, width = struct.unpack_from(">HH", data, offset + 5)
-            return width, height
+            precision, height, width, components = struct.unpack_from(">BHHB", data, offset + 4)
+            return width, height, min(components, 3) * (2 if precision > 8 else 1)
         elif marker == 0xDA:  # image data starts: no frame header came before it
             break
         elif marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
@@ -594,7 +618,7 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
     raise ValueError("no JPEG frame header")
 
 
-def _tiff_size(data: bytes) -> tuple[int, int]:
+def _tiff_size(data: bytes) -> tuple[int, int, int]:
     order = "<" if data[:2] == b"II" else ">"
     big = data[2:4] in (b"+\x00", b"\x00+")  # BigTIFF: 8-byte offsets and counts
     ifd, count_format, entry_size, value_at = (
@@ -608,14 +632,19 @@ def _tiff_size(data: bytes) -> tuple[int, int]:
     for index in range(count):
         entry = first_entry + index * entry_size
         tag, value_type = struct.unpack_from(order + "HH", data, entry)
-        if tag in (256, 257):  # ImageWidth, ImageLength
+        if tag in (256, 257, 258, 277):  # ImageWidth, ImageLength, BitsPerSample, SamplesPerPixel
             value_format = {3: "H", 4: "I", 16: "Q"}.get(value_type)
             if value_format is None:
                 raise ValueError(f"TIFF tag {tag} has unexpected type {value_type}")
-            sizes[tag] = struct.unpack_from(order + value_format, data, entry + value_at)[0]
-    if len(sizes) < 2:
+            at = entry + value_at
+            values = struct.unpack_from(order + ("Q" if big else "I"), data, entry + 4)[0]
+            if struct.calcsize(value_format) * values > (8 if big else 4):  # the values lie elsewhere
+                at = struct.unpack_from(order + ("Q" if big else "I"), data, at)[0]
+            sizes[tag] = struct.unpack_from(order + value_format, data, at)[0]
+    if 256 not in sizes or 257 not in sizes:
         raise ValueError("TIFF has no image width and length")
-    return sizes[256], sizes[257]
+    samples = min(sizes.get(277, 1), 4)
+    return sizes[256], sizes[257], samples * max(1, -(-sizes.get(258, 8) // 8))
 
 
 def _to_gray(path: Path, image: np.ndarray) -> np.ndarray:
@@ -706,8 +735,11 @@ def _dicom_number(path: Path, dataset: pydicom.Dataset, keyword: str, default: f
     return int(number) if whole else number
 
 
-def _decode_dicom(path: Path, data: bytes, max_side: int, max_pixels: int) -> tuple[np.ndarray, tuple, int, dict]:
-    """DICOM bytes -> (2-D uint8, size, bits stored, Radiograph facts), following PS3.4 N.2.
+def _decode_dicom(path: Path, head: bytes, max_side: int, max_pixels: int) -> tuple[np.ndarray, tuple, int, dict]:
+    """A DICOM file -> (2-D uint8, size, bits stored, Radiograph facts), following PS3.4 N.2.
+
+    Read by pydicom from the file itself (not from a copy of its bytes), so a large
+    film's pixel data is held once before it is decoded.
 
     Every header value the pixels depend on is checked first, naming the tag that is wrong:
     frame count, rows and columns, the rescale, and that the pixel data holds as many bytes
@@ -715,13 +747,13 @@ def _decode_dicom(path: Path, data: bytes, max_side: int, max_pixels: int) -> tu
     """
     import pydicom
 
-    has_marker = data[128:132] == b"DICM"
+    has_marker = head[128:132] == b"DICM"
     try:
-        dataset = pydicom.dcmread(io.BytesIO(data), force=not has_marker)
+        dataset = pydicom.dcmread(path, force=not has_marker)
     except Exception as err:  # pydicom raises many kinds for a damaged file
         raise ImageReadError(path, f"not a readable DICOM file ({err})") from err
     if "PixelData" not in dataset:
-        if not has_marker and not _looks_like_bare_dicom(data[:132]):
+        if not has_marker and not _looks_like_bare_dicom(head):
             raise ImageReadError(path, "not a DICOM file (no 'DICM' marker and no pixel data)")
         raise ImageReadError(path, "DICOM file has no pixel data (not an image object)")
     frames = _dicom_number(path, dataset, "NumberOfFrames", 1, whole=True)
@@ -730,12 +762,16 @@ def _decode_dicom(path: Path, data: bytes, max_side: int, max_pixels: int) -> tu
         raise ImageReadError(path, reason)
     rows = _dicom_number(path, dataset, "Rows", 0, whole=True)
     columns = _dicom_number(path, dataset, "Columns", 0, whole=True)
-    _check_size(path, columns, rows, max_pixels)
+    samples = _dicom_number(path, dataset, "SamplesPerPixel", 1, whole=True)
+    bits = _dicom_number(path, dataset, "BitsAllocated", 8, whole=True)
+    _check_size(path, columns, rows, max_pixels, max(1, min(samples, 4)) * max(1, -(-bits // 8)))
     for keyword in ("RescaleSlope", "RescaleIntercept"):
         _dicom_number(path, dataset, keyword, None, whole=False)
     _check_pixel_data_length(path, dataset, rows, columns)
+    from pydicom.pixels import pixel_array
+
     try:
-        stored = dataset.pixel_array
+        stored = pixel_array(dataset)  # not cached on the dataset: freed once shrunk
     except Exception as err:  # missing decoder, truncated or corrupt data
         syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
         name = syntax.name if syntax is not None else "unknown transfer syntax"
@@ -748,6 +784,7 @@ def _decode_dicom(path: Path, data: bytes, max_side: int, max_pixels: int) -> tu
         )
 
     stored_bits = stored.dtype.itemsize * 8
+    del dataset.PixelData  # decoded: the raw bytes are not needed any more
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric in ("MONOCHROME1", "MONOCHROME2"):
         # Shrink before the modality LUT and window: both are per-pixel, and the float

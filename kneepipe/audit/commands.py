@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from kneepipe.cli_common import (
     EXIT_CONFIG,
@@ -94,14 +95,14 @@ def audit(
         console.print(f"[{colour}]{kind}: {count}[/]")
         for pair in shown:
             distance = "" if pair.distance is None else f"  (distance {pair.distance:.3f})"
-            console.print(f"  {pair.file_a}  <->  {pair.file_b}{distance}")
+            console.print(f"  {escape(str(pair.file_a))}  <->  {escape(str(pair.file_b))}{distance}", highlight=False)
         if count > len(shown):
-            console.print(f"  ... and {count - len(shown)} more in {csv_path}")
+            console.print(f"  ... and {count - len(shown)} more in {escape(str(csv_path))}", highlight=False)
     if report.shared_patients:
         console.print(f"[red]patients in both folders: {len(report.shared_patients)}[/]")
     for path, reason in report.unreadable:
-        console.print(f"[yellow]unreadable: {path}: {reason}[/]")
-    console.print(f"pairs -> {csv_path}")
+        console.print(f"[yellow]unreadable: {escape(str(path))}: {escape(reason)}[/]", highlight=False)
+    console.print(f"pairs -> {escape(str(csv_path))}", highlight=False)
     if report.has_leakage:
         console.print("[bold red]LEAKAGE: the folders share images or patients[/]")
         raise typer.Exit(EXIT_LEAKAGE)

@@ -85,7 +85,7 @@ def grade(
         console.print(f"{len(run.skipped)} entries skipped ({hidden} hidden); each has a row in grades.csv")
     summary = prior_summary(run.priors)
     if summary:
-        console.print(f"grade prior: {summary}")
+        console.print(f"grade prior: {escape(summary)}", highlight=False)
     if run.metrics:
         m = run.metrics
         console.print(f"[bold]true vs predicted grade counts (KL0-4): {m['true_counts']} vs {m['predicted_counts']}[/]")
