@@ -686,3 +686,17 @@ def test_framework_start_up_noise_stays_off_the_terminal(tmp_path, oai_dir):
     for noise in ("oneDNN", "cuda", "cuInit", "absl", "WARNING: All log messages"):
         assert noise not in done.stderr, done.stderr
     assert "graded 1 crops" in done.stderr and "1 entries skipped (0 hidden)" in done.stderr
+
+
+@pytest.mark.slow
+def test_an_output_that_cannot_be_written_fails_cleanly(clean_folder, tmp_path, loaded_once):
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a folder")
+    for command in (
+        ["run", str(clean_folder), "--out", str(blocked), "--no-progress"],
+        ["detect", str(clean_folder), str(blocked), "--no-progress"],
+        ["grade", str(clean_folder), "--out", str(blocked)],
+    ):
+        result = _invoke(command)
+        assert result.exit_code == EXIT_FAILED, (command[0], result.output)
+        assert "cannot write" in result.output and "a_file" in result.output, result.output

@@ -58,7 +58,10 @@ def detect(
             detector = JointDetector.load(cfg)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         fail(f"cannot load the detector: {err}", EXIT_FAILED)
-    summary = detect_folder(inputs, out_dir, cfg, detector=detector, progress=not no_progress)
+    try:
+        summary = detect_folder(inputs, out_dir, cfg, detector=detector, progress=not no_progress)
+    except OSError as err:  # the output folder cannot be written: a full disk, no permission
+        fail(f"cannot write to {out_dir}: {err.strerror or err}", EXIT_FAILED)
     counts = ", ".join(f"{status} {n}" for status, n in sorted(summary.status_counts.items()))
     where = escape(str(summary.joints_csv))
     console.print(f"{summary.images} radiographs, {summary.joints} joints ({counts}) -> {where}", highlight=False)

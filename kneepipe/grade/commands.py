@@ -76,6 +76,8 @@ def grade(
             )
         except ValueError as err:
             fail(str(err))
+        except OSError as err:  # the output folder cannot be written: a full disk, no permission
+            fail(f"cannot write to {out}: {err.strerror or err}")
     graded = len(run.rows) - len(run.refused) - len(run.skipped)
     console.print(f"graded {graded} crops with {grader.version} -> {escape(str(out / 'grades.csv'))}", highlight=False)
     for row in run.refused:

@@ -173,6 +173,8 @@ def run(
             fail(str(err))
         except KeyboardInterrupt:
             fail(f"interrupted; the same command continues where it stopped (journal in {out})")
+        except OSError as err:  # the run folder cannot be written: a full disk, no permission
+            fail(f"cannot write the run folder {out}: {err.strerror or err}; the same command resumes once it can")
     print_summary(result)
     hidden = sum(bool(entry["hidden"]) for entry in result.skipped)
     raise typer.Exit(batch_exit_code([row["status"] for row in result.rows], strict, hidden))
