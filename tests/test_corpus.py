@@ -193,6 +193,7 @@ def build_corpus(folder: Path, outside: Path, radiographs_dir: Path, oai_dir: Pa
     write("header_only.png", film_png[:20], "error", "truncated image header")
     write("bad_marker.jpg", b"\xff\xd8\xff\xe0\x00\x04ab" + b"x" * 200, "error", "corrupt image header")
     write("text_as.png", b"patient 9001695, left knee, KL 2\n" * 20, "error", "not a PNG, JPEG, TIFF or DICOM")
+    write("[/]broken [red]x[/red].png", b"[/] not an image [bold]", "error", "file starts with b'[/] not '")
     write("dot.png", _png(knees[:1, :1]), "error", "image too small (1x1")
     write("strip.png", _png(knees[:20, :]), "error", "image too small (571x20")
     write("giant_60000.png", _png_header_only(60000, 60000), "error", "image too large (60000x60000")
@@ -421,7 +422,8 @@ def test_the_run_summary_counts_and_names_what_it_skipped(corpus, run_result):
     # Names and messages are printed as written: no markup eaten, no emoji made, no MarkupError.
     assert "b'root:x:0" in result.output and "❌" not in result.output
     assert "bad_data.png" in result.output and "frames_ab.dcm" in result.output
-    assert "... and 8 more (see results.csv)" in result.output  # 38 refused, the first 30 named
+    assert "[/]broken [red]x[/red].png: not a PNG" in " ".join(result.output.split())
+    assert "... and 9 more (see results.csv)" in result.output  # 39 refused, the first 30 named
     assert len(rows) == len(cases)
 
 
