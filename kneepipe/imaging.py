@@ -421,11 +421,14 @@ def _check_file(path: Path, max_pixels: int) -> bytes:
                     f"unsupported file type '{suffix or '(no suffix)'}' "
                     f"(supported: {' '.join(SUPPORTED_SUFFIXES)}, or the content of one of them)",
                 )
-            # The largest a file within the pixel budget can be: uncompressed 16-bit RGBA plus headers.
-            limit = 8 * max_pixels + (64 << 20)
-            if os.fstat(handle.fileno()).st_size > limit:
+            # The most data a film within the budget decodes to (16-bit gray), plus room for headers:
+            # a larger file is refused before it is read into memory.
+            size, limit = os.fstat(handle.fileno()).st_size, 2 * max_pixels + (64 << 20)
+            if size > limit:
                 raise ImageReadError(
-                    path, f"file too large ({os.fstat(handle.fileno()).st_size >> 20} MB) for the pixel budget"
+                    path,
+                    f"file too large ({size >> 20} MB; the pixel budget allows {limit >> 20} MB): refused before "
+                    "reading; raise detect.max_pixels to read it",
                 )
             return head
     except OSError as err:

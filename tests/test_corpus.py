@@ -198,6 +198,8 @@ def build_corpus(folder: Path, outside: Path, radiographs_dir: Path, oai_dir: Pa
     write("strip.png", _png(knees[:20, :]), "error", "image too small (571x20")
     write("giant_60000.png", _png_header_only(60000, 60000), "error", "image too large (60000x60000")
     write("budget_20000_16bit.png", _png_header_only(20000, 20000, 16), "error", "over the pixel budget")
+    write("sparse_300mb.png", _png_header_only(1000, 1000), "error", "file too large (300 MB")
+    os.truncate(folder / "sparse_300mb.png", 300 << 20)  # sparse: no disk used, refused before reading
     tiff = cv2.imencode(".tif", knees)[1].tobytes()
     write("cut.tif", tiff[: len(tiff) // 2], "error", "truncated image header")
     write("knee.bmp", cv2.imencode(".bmp", knees)[1].tobytes(), "error", "a BMP image")
@@ -423,7 +425,7 @@ def test_the_run_summary_counts_and_names_what_it_skipped(corpus, run_result):
     assert "b'root:x:0" in result.output and "❌" not in result.output
     assert "bad_data.png" in result.output and "frames_ab.dcm" in result.output
     assert "[/]broken [red]x[/red].png: not a PNG" in " ".join(result.output.split())
-    assert "... and 9 more (see results.csv)" in result.output  # 39 refused, the first 30 named
+    assert "... and 10 more (see results.csv)" in result.output  # 40 refused, the first 30 named
     assert len(rows) == len(cases)
 
 

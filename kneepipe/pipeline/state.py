@@ -35,7 +35,8 @@ import yaml
 
 JOURNAL = "journal.jsonl"
 ARGS = "args.yaml"
-# Everything a run writes into its folder; only these are removed by an overwrite.
+# Everything a run writes into its folder; an overwrite removes these files, and of crops/ and
+# thumbnails/ only the files the journal lists.
 RUN_OUTPUTS = (
     ARGS,
     JOURNAL,
