@@ -296,15 +296,20 @@ def _invoke(args: list[str]):
     return CliRunner().invoke(app, args)
 
 
+def _rows_by_image(path: Path) -> dict[str, list[dict[str, str]]]:
+    """The rows of an output CSV, grouped by their ``image`` column."""
+    rows: dict[str, list[dict[str, str]]] = {}
+    for row in _read_csv(path):
+        rows.setdefault(row["image"], []).append(row)
+    return rows
+
+
 @pytest.fixture(scope="module")
 def run_result(corpus, loaded_once, tmp_path_factory):
     folder, _ = corpus
     out = tmp_path_factory.mktemp("run") / "out"
     result = _invoke(["run", str(folder), "--out", str(out), "--no-progress"])
-    rows: dict[str, list[dict[str, str]]] = {}
-    if (out / "results.csv").exists():
-        for row in _read_csv(out / "results.csv"):
-            rows.setdefault(row["image"], []).append(row)
+    rows = _rows_by_image(out / "results.csv") if (out / "results.csv").exists() else {}
     return result, out, rows
 
 
@@ -313,10 +318,7 @@ def detect_result(corpus, loaded_once, tmp_path_factory):
     folder, _ = corpus
     out = tmp_path_factory.mktemp("detect") / "crops"
     result = _invoke(["detect", str(folder), str(out), "--no-progress"])
-    rows: dict[str, list[dict[str, str]]] = {}
-    for row in _read_csv(out / "joints.csv"):
-        rows.setdefault(row["image"], []).append(row)
-    return result, out, rows
+    return result, out, _rows_by_image(out / "joints.csv")
 
 
 @pytest.fixture(scope="module")
