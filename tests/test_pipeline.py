@@ -466,7 +466,7 @@ def test_steps_are_graded_beside_the_detector_in_input_order(tmp_path, films, mo
 
     images, _ = films
     detector, grader = models
-    real_detect, real_predict = run_module._detect, grader.predict_logits
+    real_detect, real_predict = run_module.detect_radiographs, grader.predict_logits
     detected_steps = []
     second_step_detected = threading.Event()
     overlapped = []
@@ -484,7 +484,7 @@ def test_steps_are_graded_beside_the_detector_in_input_order(tmp_path, films, mo
         overlapped.append(second_step_detected.wait(timeout=30))
         return real_predict(crops, batch_size=batch_size)
 
-    monkeypatch.setattr(run_module, "_detect", detect)
+    monkeypatch.setattr(run_module, "detect_radiographs", detect)
     monkeypatch.setattr(grader, "predict_logits", predict_logits)
     out = tmp_path / "out"
     run = run_pipeline(images, out, *_configs(batch=2, grade_workers=grade_workers), detector=detector, grader=grader)

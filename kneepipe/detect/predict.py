@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
@@ -36,6 +37,8 @@ from kneepipe.joints import (
     Detection,
     Joint,
 )
+
+log = logging.getLogger(__name__)
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "detector.pt"
 """The detector shipped in the package, used when the config's ``model`` is null."""
@@ -162,6 +165,14 @@ def pair_partner(main: np.ndarray, candidates: np.ndarray) -> np.ndarray | None:
         ):
             best = row
     return best
+
+
+class Detector(Protocol):
+    """What the pipeline needs of a detector: a version to record and radiographs in, detections out."""
+
+    version: str
+
+    def detect(self, radiographs: Sequence[Radiograph]) -> list[Detection]: ...
 
 
 @dataclass
@@ -488,7 +499,7 @@ def detect_folder(
                     radiographs.append(read_radiograph(path, max_side=config.max_side, max_pixels=config.max_pixels))
                 except ImageReadError as err:
                     detections[path] = Detection(path, (), STATUS_ERROR, err.reason)
-            for radiograph, detection in zip(radiographs, _detect_guarded(detector, radiographs), strict=True):
+            for radiograph, detection in zip(radiographs, detect_radiographs(detector, radiographs), strict=True):
                 notes = [detection.message, *radiograph.notes]
                 if radiograph.path in outside:
                     notes.append("read through a link to a file outside the input folder")
@@ -524,18 +535,40 @@ def detect_folder(
     )
 
 
-def _detect_guarded(detector: JointDetector, radiographs: list[Radiograph]) -> list[Detection]:
-    """Run a batch; if it fails, run its files one by one so one bad file costs one row."""
+def detect_radiographs(detector: Detector, radiographs: Sequence[Radiograph]) -> list[Detection]:
+    """One detection per radiograph, in order; a failure costs only the film that fails.
+
+    The radiographs are detected together (in the detector's batches). If that call
+    fails, or returns the wrong number of detections, the failure is logged and each film
+    is detected alone, so only a film that fails by itself gets an ``error`` detection
+    naming the reason. This is how ``kneepipe detect`` and ``kneepipe run`` call a detector.
+
+    >>> class Broken:
+    ...     def detect(self, radiographs):
+    ...         raise RuntimeError("out of memory")
+    >>> film = Radiograph(np.zeros((8, 8), np.uint8), Path("a.png"), (8, 8))
+    >>> [(d.status, d.message) for d in detect_radiographs(Broken(), [film])]
+    [('error', 'detection failed (RuntimeError: out of memory)')]
+    """
     if not radiographs:
         return []
     try:
-        return detector.detect(radiographs)
-    except Exception:  # noqa: BLE001 - isolate the failing file below
-        pass
+        detections = list(detector.detect(radiographs))
+        if len(detections) == len(radiographs):
+            return detections
+        log.warning("the detector returned %d detections for %d films", len(detections), len(radiographs))
+    except Exception as err:  # isolate the film that failed below
+        log.warning(
+            "detection of %d films failed (%s: %s); detecting them one by one",
+            len(radiographs),
+            type(err).__name__,
+            err,
+        )
     detections = []
     for radiograph in radiographs:
         try:
             detections.extend(detector.detect([radiograph]))
-        except Exception as err:  # noqa: BLE001 - any failure becomes that file's error row
-            detections.append(Detection(radiograph.path, (), STATUS_ERROR, f"detection failed: {err}"))
+        except Exception as err:  # any failure becomes that film's error detection
+            reason = f"detection failed ({type(err).__name__}: {err})"
+            detections.append(Detection(radiograph.path, (), STATUS_ERROR, reason))
     return detections

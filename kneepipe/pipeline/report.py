@@ -2,8 +2,9 @@
 
 Every image (radiograph thumbnails with the joint boxes drawn, knee crops, Grad-CAM heat
 maps, plots) is embedded as base64; the page has no script and loads no font, style or
-image from anywhere. Plots are drawn with Matplotlib's Agg canvas and its bundled DejaVu
-fonts; text on images uses OpenCV's built-in Hershey fonts.
+image from anywhere. The figures come from :mod:`kneepipe.pipeline.plots`; the Grad-CAM
+maps are computed by the pipeline (:mod:`kneepipe.pipeline.explain`) and handed over in
+the run. This module only renders: it never runs a model.
 
 Sections: the batch at a glance (counts, grade distribution, per file-name group, and with
 labels the metrics and confusion matrix), the refused files with their reasons, each
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,8 +29,14 @@ from kneepipe import KL_GRADES, __version__
 from kneepipe.files import write_atomic
 from kneepipe.grade.folder import prior_summary
 from kneepipe.joints import STATUS_OK
+from kneepipe.pipeline.plots import (
+    annotated_thumbnail,
+    confusion_plot,
+    gradcam_overlay,
+    grade_distribution_plot,
+    group_distribution_plot,
+)
 
-SIDE_COLOURS = {"R": (255, 140, 0), "L": (0, 200, 255)}  # BGR: blue-ish right, amber left
 DETECT_SHOWN = ("imgsz", "conf", "iou", "max_det", "max_side", "overexposed_fraction")
 STATUS_TEXT = {
     "no_knee": "no knee found",
@@ -76,123 +82,6 @@ def data_uri(pixels: np.ndarray, fmt: str = ".jpg", quality: int = 88) -> str:
         raise ValueError("cannot encode an image for the report")
     mime = "image/jpeg" if fmt == ".jpg" else "image/png"
     return f"data:{mime};base64,{base64.b64encode(encoded.tobytes()).decode('ascii')}"
-
-
-def _figure_uri(figure) -> str:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(figure)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    return f"data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
-
-
-def grade_distribution_plot(predicted: Sequence[int], true: Sequence[int] | None = None) -> str:
-    """Bars of the predicted (and true) knees per KL grade, side by side."""
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(5.6, 3.0))
-    axes = figure.add_subplot()
-    x = np.arange(len(KL_GRADES))
-    width = 0.4 if true is not None else 0.6
-    offset = width / 2 if true is not None else 0.0
-    bars = axes.bar(x - offset, predicted, width, label="predicted", color="#3a78c2")
-    axes.bar_label(bars, fontsize=8)
-    if true is not None:
-        bars = axes.bar(x + offset, true, width, label="true", color="#9aa5b1")
-        axes.bar_label(bars, fontsize=8)
-        axes.legend(frameon=False, fontsize=9)
-    axes.set_xticks(x, [f"KL{g}" for g in KL_GRADES])
-    axes.set_ylabel("knees")
-    axes.set_title("Grade distribution", fontsize=11)
-    axes.spines[["top", "right"]].set_visible(False)
-    axes.margins(y=0.15)
-    return _figure_uri(figure)
-
-
-def group_distribution_plot(groups: dict[str, dict[str, Any]]) -> str:
-    """Share of knees per predicted KL grade in each file-name group."""
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(5.6, 3.0))
-    axes = figure.add_subplot()
-    x = np.arange(len(KL_GRADES))
-    width = 0.8 / max(1, len(groups))
-    colours = ["#3a78c2", "#c2553a", "#4a9a5b", "#8a63b8", "#b89a3a"]
-    for i, (group, tally) in enumerate(groups.items()):
-        counts = np.asarray(tally["grade_counts"], dtype=float)
-        share = counts / counts.sum() if counts.sum() else counts
-        axes.bar(
-            x - 0.4 + width * (i + 0.5),
-            share,
-            width,
-            label=f"{group} ({int(counts.sum())} knees)",
-            color=colours[i % len(colours)],
-        )
-    axes.set_xticks(x, [f"KL{g}" for g in KL_GRADES])
-    axes.set_ylabel("share of knees")
-    axes.set_title("Predicted grade distribution per group", fontsize=11)
-    axes.legend(frameon=False, fontsize=8)
-    axes.spines[["top", "right"]].set_visible(False)
-    return _figure_uri(figure)
-
-
-def confusion_plot(metrics: dict[str, Any]) -> str:
-    """Confusion matrix (true rows, predicted columns) with the detection failures as a last column."""
-    from matplotlib.figure import Figure
-
-    matrix = np.asarray(metrics["confusion_matrix"], dtype=int)
-    failures = np.asarray(metrics["failures_by_true_grade"], dtype=int)[:, None]
-    full = np.hstack([matrix, failures])
-    figure = Figure(figsize=(5.2, 4.0))
-    axes = figure.add_subplot()
-    shown = full / np.maximum(full.sum(axis=1, keepdims=True), 1)
-    axes.imshow(shown, cmap="Blues", vmin=0, vmax=1)
-    for (i, j), value in np.ndenumerate(full):
-        colour = "white" if shown[i, j] > 0.5 else "black"
-        axes.text(j, i, str(value), ha="center", va="center", fontsize=9, color=colour)
-    axes.set_xticks(range(full.shape[1]), [f"KL{g}" for g in KL_GRADES] + ["missed /\nwrong side"], fontsize=8)
-    axes.set_yticks(range(full.shape[0]), [f"KL{g}" for g in KL_GRADES], fontsize=8)
-    axes.set_xlabel("predicted")
-    axes.set_ylabel("true")
-    axes.set_title("Confusion matrix (row-normalised colour)", fontsize=11)
-    return _figure_uri(figure)
-
-
-def gradcam_overlay(crop: np.ndarray, heat: np.ndarray) -> np.ndarray:
-    """A heat map blended over its gray crop (red where the grader looked hardest)."""
-    heat8 = np.clip(heat * 255, 0, 255).astype(np.uint8)
-    coloured = cv2.applyColorMap(heat8, cv2.COLORMAP_JET)
-    base = cv2.cvtColor(crop, cv2.COLOR_GRAY2BGR)
-    return cv2.addWeighted(base, 0.55, coloured, 0.45, 0)
-
-
-def annotated_thumbnail(thumbnail: np.ndarray, scale: float, knees: Sequence[dict[str, Any]]) -> np.ndarray:
-    """The radiograph thumbnail with each joint's box, side and grade drawn on it."""
-    image = cv2.cvtColor(thumbnail, cv2.COLOR_GRAY2BGR)
-    thickness = max(2, round(max(image.shape[:2]) / 300))
-    font_scale = max(0.5, max(image.shape[:2]) / 900)
-    for knee in knees:
-        x1, y1, x2, y2 = (round(v * scale) for v in knee["box"])
-        colour = SIDE_COLOURS.get(knee["side"], (0, 255, 0))
-        cv2.rectangle(image, (x1, y1), (x2, y2), colour, thickness)
-        grade = f"KL{knee['kl_grade']}" if knee["status"] == STATUS_OK else "error"
-        label = f"{knee['side']} {grade}"
-        (width, height), baseline = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)
-        top = y1 - height - baseline - 4 if y1 - height - baseline - 4 > 0 else y1 + 2
-        left = min(max(0, x1), max(0, image.shape[1] - width - 6))
-        cv2.rectangle(image, (left, top), (left + width + 6, top + height + baseline + 4), colour, -1)
-        cv2.putText(
-            image,
-            label,
-            (left + 3, top + height + 2),
-            cv2.FONT_HERSHEY_SIMPLEX,
-            font_scale,
-            (0, 0, 0),
-            thickness,
-            cv2.LINE_AA,
-        )
-    return image
 
 
 def _plot_img(alt: str, uri: str) -> str:
@@ -293,7 +182,8 @@ def write_report(run, pipeline_cfg, grader, configs: dict[str, Any]) -> Path:
     Args:
         run: the finished run (rows, images, summary, metrics).
         pipeline_cfg: the pipeline config (report options).
-        grader: the loaded grader (for the Grad-CAM heat maps and its version).
+        grader: the loaded grader, for its version and preprocessing record (it is not run here;
+            the heat maps are ``run.heat_maps``).
         configs: the resolved ``pipeline``/``detect``/``grade`` configs, shown at the end.
 
     >>> write_report(run, pipeline_cfg, grader, configs)  # doctest: +SKIP
@@ -364,7 +254,6 @@ def write_report(run, pipeline_cfg, grader, configs: dict[str, Any]) -> Path:
         f"Grade from the probabilities by the {html.escape(grader.preprocessing.decision)} "
         "rule (see Models and configuration); its bar is red.</p>"
     )
-    gradcams_left = pipeline_cfg.report_max_gradcam if pipeline_cfg.report_gradcam else 0
     for record in shown[:limit]:
         thumbnail, scale = _thumbnail(record, out_dir, pipeline_cfg.thumbnail_size or 640)
         name = html.escape(record["image"])
@@ -378,9 +267,8 @@ def write_report(run, pipeline_cfg, grader, configs: dict[str, Any]) -> Path:
             )
         section.append("<div>")
         for knee in record["knees"]:
-            section.append(_knee_html(record, knee, out_dir, grader, gradcams_left > 0, truth_by_knee))
-            if gradcams_left > 0 and knee["status"] == STATUS_OK and knee.get("crop"):
-                gradcams_left -= 1
+            heat = run.heat_maps.get(knee["crop"]) if knee.get("crop") else None
+            section.append(_knee_html(record, knee, out_dir, heat, truth_by_knee))
         section.append("</div></div></div>")
         parts.append("".join(section))
     if len(shown) > limit:
@@ -432,19 +320,17 @@ def _prior_text(priors: dict[str, Any]) -> str:
     return prior_summary(priors) or "none (the grader's training prior)"
 
 
-def _knee_html(record, knee, out_dir: Path, grader, with_gradcam: bool, truth_by_knee) -> str:
+def _knee_html(record, knee, out_dir: Path, heat: np.ndarray | str | None, truth_by_knee) -> str:
+    """One knee: its crop, its heat map (or why there is none), grade, probabilities and label."""
     crop = _read_gray(out_dir / knee["crop"]) if knee.get("crop") else None
     images = []
     if crop is not None:
         images.append(f'<figure><img alt="crop" src="{data_uri(crop)}"><figcaption>crop</figcaption></figure>')
-        if with_gradcam and knee["status"] == STATUS_OK:
-            try:
-                heat = grader.gradcam(crop, grade=knee["kl_grade"])
-            except Exception as err:  # a heat map is an aid; its failure must not cost the report
-                images.append(f'<div class="muted small">no heat map ({html.escape(type(err).__name__)})</div>')
-            else:
-                overlay = data_uri(gradcam_overlay(crop, heat))
-                images.append(f'<figure><img alt="Grad-CAM" src="{overlay}"><figcaption>Grad-CAM</figcaption></figure>')
+        if isinstance(heat, str):
+            images.append(f'<div class="muted small">{html.escape(heat)}</div>')
+        elif heat is not None and heat.shape == crop.shape:
+            overlay = data_uri(gradcam_overlay(crop, heat))
+            images.append(f'<figure><img alt="Grad-CAM" src="{overlay}"><figcaption>Grad-CAM</figcaption></figure>')
     else:
         images.append('<div class="muted small" style="width:150px">crop not saved</div>')
     side = "right" if knee["side"] == "R" else "left"

@@ -33,6 +33,8 @@ from typing import Any
 
 import yaml
 
+from kneepipe.pipeline.records import ImageRecord
+
 JOURNAL = "journal.jsonl"
 ARGS = "args.yaml"
 # Everything a run writes into its folder; an overwrite removes these files, and of crops/ and
@@ -199,12 +201,12 @@ def _read_args(path: Path) -> dict[str, Any]:
     return content if isinstance(content, dict) else {}
 
 
-def read_journal(path: Path) -> dict[str, dict[str, Any]]:
+def read_journal(path: Path) -> dict[str, ImageRecord]:
     """The journal's records by image name; a line cut short by a kill is dropped.
 
     When an image appears twice (it cannot, unless a journal was edited), the last wins.
     """
-    records: dict[str, dict[str, Any]] = {}
+    records: dict[str, ImageRecord] = {}
     if not path.exists():
         return records
     with path.open("rb") as handle:
