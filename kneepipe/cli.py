@@ -19,6 +19,7 @@ from kneepipe.cli_common import EXIT_CRASH, console
 from kneepipe.detect import commands as detect_commands
 from kneepipe.grade import commands as grade_commands
 from kneepipe.pipeline import commands as pipeline_commands
+from kneepipe.serve import commands as serve_commands
 
 
 class _App(typer.Typer):
@@ -66,9 +67,11 @@ def main(
 
 app.command("detect")(detect_commands.detect)
 app.command("grade")(grade_commands.grade)
+app.command("adapt")(grade_commands.adapt)
 app.command("run")(pipeline_commands.run)
 app.command("audit")(audit_commands.audit)
 app.command("split")(audit_commands.split)
+app.command("serve")(serve_commands.serve)
 train_app.command("detector")(detect_commands.train_detector)
 train_app.command("grader")(grade_commands.train_grader)
 train_app.command("average")(grade_commands.average_graders)
