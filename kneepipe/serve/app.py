@@ -124,7 +124,7 @@ def create_app(config: ServeConfig, store: RunStore, worker: Worker, token: str 
         }
 
     @app.post("/api/runs", status_code=202, summary="Upload radiographs and queue them as one run")
-    async def upload(
+    def upload(
         files: Annotated[list[UploadFile], File(description="Radiographs: PNG, JPEG, TIFF or DICOM.")],
         grader: Annotated[str, Form(description="`shipped`, or a grader file named by GET /api/status.")] = "shipped",
         prior: Annotated[str | None, Form(description="A known grade prior p0,p1,p2,p3,p4 (counts work too).")] = None,
@@ -171,7 +171,7 @@ def create_app(config: ServeConfig, store: RunStore, worker: Worker, token: str 
         return run_view(run_id)
 
     @app.get("/api/runs", summary="Every kept run, newest first")
-    async def runs() -> list[dict[str, Any]]:
+    def runs() -> list[dict[str, Any]]:
         return [
             {key: meta.get(key) for key in ("id", "created", "status", "message", "grader", "progress", "summary")}
             | {"files": len(meta["files"]), "refused": len(meta["refused"])}
@@ -191,11 +191,11 @@ def create_app(config: ServeConfig, store: RunStore, worker: Worker, token: str 
         return meta
 
     @app.get("/api/runs/{run_id}", summary="One run: its state, each film's result and the corrections")
-    async def run(run_id: str) -> dict[str, Any]:
+    def run(run_id: str) -> dict[str, Any]:
         return run_view(run_id)
 
     @app.put("/api/runs/{run_id}/corrections", summary="Correct a knee's grade or side, or add a note")
-    async def correct(run_id: str, correction: Annotated[Correction, Body()]) -> list[dict[str, Any]]:
+    def correct(run_id: str, correction: Annotated[Correction, Body()]) -> list[dict[str, Any]]:
         """Kept in the run folder beside the predictions (which never change) and exported in results.csv.
         A correction with no grade, side or note removes the earlier one."""
         meta = store.meta(run_id)
@@ -217,7 +217,7 @@ def create_app(config: ServeConfig, store: RunStore, worker: Worker, token: str 
         return store.correct(run_id, record)
 
     @app.get("/api/runs/{run_id}/results.csv", summary="results.csv with the corrections in columns beside it")
-    async def results(run_id: str) -> Response:
+    def results(run_id: str) -> Response:
         try:
             content = store.export_results(run_id)
         except FileNotFoundError as err:
@@ -229,14 +229,16 @@ def create_app(config: ServeConfig, store: RunStore, worker: Worker, token: str 
         )
 
     @app.get("/api/runs/{run_id}/report.html", summary="The run's self-contained HTML report")
-    async def report(run_id: str) -> FileResponse:
+    def report(run_id: str) -> FileResponse:
         path = store.folder(run_id) / "out" / "report.html"
         if not path.is_file():
             raise HTTPException(404, "report.html is written when the run has finished (and report is on)")
-        return FileResponse(path, media_type="text/html", filename=f"kneepipe-{run_id}-report.html")
+        return FileResponse(
+            path, media_type="text/html", filename=f"kneepipe-{run_id}-report.html", content_disposition_type="inline"
+        )
 
     @app.get("/api/runs/{run_id}/files/{relative:path}", summary="A thumbnail, crop or heat map of a run")
-    async def run_file(run_id: str, relative: str) -> FileResponse:
+    def run_file(run_id: str, relative: str) -> FileResponse:
         try:
             return FileResponse(store.file(run_id, relative))
         except FileNotFoundError:
