@@ -1,7 +1,7 @@
 """What detection costs: end-to-end accuracy on pseudo-radiographs vs. grading the same crops directly.
 
 Every OAI ``val`` crop is placed exactly once on a pseudo-radiograph by the project's
-compositor (:func:`kneepipe.detect.compose.compose_radiograph`): both knees of a patient
+compositor (:func:`kneepipe.training.compose.compose_radiograph`): both knees of a patient
 on one bilateral film, in their natural sides (no mirroring, so the grader is asked about
 the very crop it would grade directly). The films are large enough that a knee spans at
 least 224 px, so the composite adds no down-sampling of its own. Two renderings:
@@ -57,7 +57,7 @@ def compose_every_crop(
     Writes ``out_dir/images/film_XXXXX.png`` (lossless, so JPEG artefacts add nothing) and
     ``out_dir/labels.csv`` (``image,side,kl_grade,x1,y1,x2,y2,source_crop``).
     """
-    from kneepipe.detect.compose import _read_crop, compose_radiograph, find_crops
+    from kneepipe.training.compose import _read_crop, compose_radiograph, find_crops
 
     crops = find_crops(crops_root)
     patients: dict[str, list] = {}

@@ -139,7 +139,7 @@ def warm_crop():
 
 def compose_films(crops: Path, folder: Path, count: int, seed: int) -> Path:
     """``count`` pseudo-radiographs of the val crops (kept between runs of this script)."""
-    from kneepipe.detect.compose import compose_dataset
+    from kneepipe.training.compose import compose_dataset
 
     images = folder / "images"
     if not images.is_dir() or len(list(images.glob("*.jpg"))) < count:

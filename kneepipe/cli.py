@@ -20,6 +20,7 @@ from kneepipe.detect import commands as detect_commands
 from kneepipe.grade import commands as grade_commands
 from kneepipe.pipeline import commands as pipeline_commands
 from kneepipe.serve import commands as serve_commands
+from kneepipe.training import commands as training_commands
 
 
 class _App(typer.Typer):
@@ -48,6 +49,8 @@ app = _App(
 )
 train_app = typer.Typer(help="Train a stage: the joint detector or the KL grader.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
+evaluate_app = typer.Typer(help="Measure a model for its card.", no_args_is_help=True)
+app.add_typer(evaluate_app, name="evaluate")
 
 
 def _version(value: bool) -> None:
@@ -72,7 +75,9 @@ app.command("run")(pipeline_commands.run)
 app.command("audit")(audit_commands.audit)
 app.command("split")(audit_commands.split)
 app.command("serve")(serve_commands.serve)
-train_app.command("detector")(detect_commands.train_detector)
-train_app.command("grader")(grade_commands.train_grader)
-train_app.command("average")(grade_commands.average_graders)
-train_app.command("calibrate")(grade_commands.calibrate_grader)
+train_app.command("detector")(training_commands.train_detector)
+train_app.command("grader")(training_commands.train_grader)
+train_app.command("pack")(training_commands.pack_crops)
+train_app.command("average")(training_commands.average_graders)
+train_app.command("calibrate")(training_commands.calibrate_grader)
+evaluate_app.command("detector")(training_commands.evaluate_detector)

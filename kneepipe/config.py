@@ -203,8 +203,6 @@ def save_config(config: Any, folder: str | Path, extra: Mapping[str, Any] | None
     content = to_dict(config)
     if extra:
         content.update({k: str(v) if isinstance(v, Path) else v for k, v in extra.items()})
-    path = folder / "args.yaml"
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(content, sort_keys=False))
-    tmp.replace(path)
-    return path
+    from kneepipe.files import write_atomic
+
+    return write_atomic(folder / "args.yaml", yaml.safe_dump(content, sort_keys=False))

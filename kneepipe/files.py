@@ -9,11 +9,13 @@ and no input name makes an output name the file system refuses.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import os
 import re
+import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,20 +26,59 @@ _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 MAX_KEY_LENGTH = 100  # characters of an output name made from an input name (file systems allow 255 bytes)
 
 
-def write_atomic(path: str | Path, data: bytes | str) -> Path:
-    """Write ``data`` to ``path`` through a hidden temporary file renamed over it.
+DIGEST_LENGTH = 12  # hex characters of a content digest in outputs: 48 bits, unique among any model's files
 
-    Text that holds undecodable file-name bytes (surrogate escapes) is written with them
-    as ``\\udcXX`` escapes rather than failing.
+
+def write_atomic(path: str | Path, data: bytes | str, fsync: bool = False) -> Path:
+    """Write ``data`` to ``path`` through a hidden temporary file renamed over it: the one way files are written.
+
+    A reader sees the old file or the new one, never half of one. The temporary file has
+    a unique name (two threads or processes writing the same path never share one) and is
+    removed when the write fails. With ``fsync`` the data reaches the disk before the
+    rename, so the new file survives a power cut too. Text that holds undecodable
+    file-name bytes (surrogate escapes) is written with them as ``\\udcXX`` escapes.
+
+    >>> import tempfile, pathlib
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> write_atomic(folder / "note.txt", "ok").read_text(), [p.name for p in folder.iterdir()]
+    ('ok', ['note.txt'])
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     if isinstance(data, str):
-        tmp.write_text(data, encoding="utf-8", errors="backslashreplace")
-    else:
-        tmp.write_bytes(data)
-    os.replace(tmp, path)
+        data = data.encode("utf-8", errors="backslashreplace")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return path
+
+
+def file_digest(path: str | Path) -> str:
+    """The content digest naming a file in outputs: the first 12 hex digits of its SHA-256.
+
+    >>> import tempfile, pathlib
+    >>> file_digest(write_atomic(pathlib.Path(tempfile.mkdtemp()) / "a.txt", "a"))
+    'ca978112ca1b'
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:DIGEST_LENGTH]
+
+
+def file_version(path: str | Path) -> str:
+    """A model file's name and content digest, as outputs record it: ``grader.npz@1a2b3c4d5e6f``."""
+    return f"{Path(path).name}@{file_digest(path)}"
 
 
 def neutralise_cell(value: Any) -> Any:

@@ -13,6 +13,8 @@ from typing import Literal
 import numpy as np
 
 Side = Literal["R", "L"]
+SIDES: tuple[Side, Side] = ("R", "L")
+"""The detector's class order: class 0 is the patient's right knee, class 1 the left."""
 
 # Status values of a row in joints.csv / results.csv.
 STATUS_OK = "ok"

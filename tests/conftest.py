@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+ANNOTATIONS = Path(__file__).resolve().parent / "data" / "radiograph_annotations.csv"
+"""Hand annotations of the shared radiographs: joint boxes and sides, and which films are laterals or feet."""
 
 
 @pytest.fixture(scope="session")

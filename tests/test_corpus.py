@@ -317,7 +317,7 @@ def run_result(corpus, loaded_once, tmp_path_factory):
 def detect_result(corpus, loaded_once, tmp_path_factory):
     folder, _ = corpus
     out = tmp_path_factory.mktemp("detect") / "crops"
-    result = _invoke(["detect", str(folder), str(out), "--no-progress"])
+    result = _invoke(["detect", str(folder), "--out", str(out), "--no-progress"])
     return result, out, _rows_by_image(out / "joints.csv")
 
 
@@ -480,7 +480,7 @@ def test_findings_exit_0_and_strict_makes_them_fail(clean_folder, tmp_path, load
         flag = ["--strict"] if strict else []
         run = _invoke(["run", str(clean_folder), "--out", str(tmp_path / f"run{strict}"), "--no-progress", *flag])
         assert run.exit_code == code, run.output
-        detect = _invoke(["detect", str(clean_folder), str(tmp_path / f"det{strict}"), "--no-progress", *flag])
+        detect = _invoke(["detect", str(clean_folder), "--out", str(tmp_path / f"det{strict}"), "--no-progress", *flag])
         assert detect.exit_code == code, detect.output
     # grade has no findings: a skipped text file is the only thing --strict can fail on.
     graded = _invoke(["grade", str(clean_folder), "--out", str(tmp_path / "g")])
@@ -700,7 +700,7 @@ def test_an_output_that_cannot_be_written_fails_cleanly(clean_folder, tmp_path, 
     blocked.write_text("not a folder")
     for command in (
         ["run", str(clean_folder), "--out", str(blocked), "--no-progress"],
-        ["detect", str(clean_folder), str(blocked), "--no-progress"],
+        ["detect", str(clean_folder), "--out", str(blocked), "--no-progress"],
         ["grade", str(clean_folder), "--out", str(blocked)],
     ):
         result = _invoke(command)

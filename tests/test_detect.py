@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import yaml
+from conftest import ANNOTATIONS
 from typer.testing import CliRunner
 
 from kneepipe.cli import app
@@ -38,7 +39,7 @@ def detector() -> JointDetector:
 
 @pytest.fixture(scope="module")
 def annotations():
-    return read_annotations()
+    return read_annotations(ANNOTATIONS)
 
 
 def _read_rows(path: Path) -> list[dict[str, str]]:
@@ -185,7 +186,7 @@ def test_cli_detects_a_folder_and_reports_bad_files(tmp_path, radiographs_dir):
     (raw / "empty.jpg").write_bytes(b"")
     out = tmp_path / "crops"
 
-    result = CliRunner().invoke(app, ["detect", str(raw), str(out), "--no-progress"])
+    result = CliRunner().invoke(app, ["detect", str(raw), "--out", str(out), "--no-progress"])
 
     assert result.exit_code == EXIT_FILE_ERRORS, result.output
     rows = _read_rows(out / "joints.csv")
@@ -209,7 +210,7 @@ def test_cli_single_file_and_model_option(tmp_path, radiographs_dir):
     out = tmp_path / "one"
     result = CliRunner().invoke(
         app,
-        ["detect", str(radiographs_dir / "stage_2_0.jpg"), str(out), "--model", str(DEFAULT_WEIGHTS), "conf=0.1"],
+        ["detect", str(radiographs_dir / "stage_2_0.jpg"), "-o", str(out), "--model", str(DEFAULT_WEIGHTS), "conf=0.1"],
     )
     assert result.exit_code == EXIT_OK, result.output
     (row,) = _read_rows(out / "joints.csv")
@@ -218,10 +219,17 @@ def test_cli_single_file_and_model_option(tmp_path, radiographs_dir):
 
 def test_cli_fails_cleanly_on_missing_input_or_weights(tmp_path, radiographs_dir):
     runner = CliRunner()
-    missing = runner.invoke(app, ["detect", str(tmp_path / "nope"), str(tmp_path / "out")])
+    missing = runner.invoke(app, ["detect", str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
     assert missing.exit_code == EXIT_FAILED and "nope" in missing.output
     no_model = runner.invoke(
         app,
-        ["detect", str(radiographs_dir / "bilateral_0.png"), str(tmp_path / "out"), "--model", str(tmp_path / "x.pt")],
+        [
+            "detect",
+            str(radiographs_dir / "bilateral_0.png"),
+            "-o",
+            str(tmp_path / "out"),
+            "--model",
+            str(tmp_path / "x.pt"),
+        ],
     )
     assert no_model.exit_code == EXIT_FAILED and "x.pt" in no_model.output

@@ -49,7 +49,7 @@ def test_bad_values_are_rejected_naming_the_key(override, message):
 def test_cli_rejects_a_bad_config_with_exit_code_2(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("iou: 2.0\n")
-    result = CliRunner().invoke(app, ["detect", str(tmp_path), str(tmp_path / "out"), "-c", str(bad)])
+    result = CliRunner().invoke(app, ["detect", str(tmp_path), "--out", str(tmp_path / "out"), "-c", str(bad)])
     assert result.exit_code == EXIT_CONFIG
     assert "iou" in result.output
     assert not (tmp_path / "out").exists()

@@ -9,8 +9,9 @@ import cv2
 import numpy as np
 import pytest
 
-from kneepipe.detect.compose import SIDES, compose_dataset, find_crops
 from kneepipe.detect.framing import crop_joint, square_box
+from kneepipe.joints import SIDES
+from kneepipe.training.compose import compose_dataset, find_crops
 
 
 def test_square_box_keeps_centre_and_averages_sides():
@@ -90,7 +91,7 @@ def test_bilateral_composites_put_the_right_knee_on_the_image_left(composites: P
 
 def test_a_faithful_composite_keeps_the_crops_pixels_in_their_boxes(oai_dir: Path):
     """The end-to-end benchmark's films: cut back at the true boxes, the crops come back as they were."""
-    from kneepipe.detect.compose import _read_crop, compose_radiograph
+    from kneepipe.training.compose import _read_crop, compose_radiograph
 
     crops = find_crops(oai_dir / "val")
     by_patient: dict[str, list] = {}

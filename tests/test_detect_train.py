@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from conftest import ANNOTATIONS
 
 from kneepipe.config import load_config
 from kneepipe.detect.config import DetectConfig
-from kneepipe.detect.train import background_images, train_detector
+from kneepipe.training.detector import background_images, train_detector
 
 
 def test_background_images_are_the_annotated_lateral_and_foot_films(radiographs_dir):
-    from kneepipe.detect.train import PROJECT_ROOT
-
-    paths = background_images(PROJECT_ROOT / "tests/data/radiograph_annotations.csv", radiographs_dir)
+    paths = background_images(ANNOTATIONS, radiographs_dir)
     names = {p.name for p in paths}
     assert {"stage_1_5.jpg", "stage_1_6.jpg", "arthritis_3.jpg"} <= names
     assert not names & {"bilateral_0.png", "arthritis_0.jpg", "arthritis_7.jpg"}
@@ -25,11 +24,19 @@ def test_resume_without_a_run_fails_clearly(tmp_path):
         train_detector(load_config(DetectConfig), tmp_path, resume=True)
 
 
+def test_training_needs_its_data_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train_crops: name the OAI crop folder"):
+        train_detector(load_config(DetectConfig), tmp_path / "run")
+
+
 @pytest.mark.slow
-def test_one_epoch_training_writes_a_run_folder(tmp_path):
+def test_one_epoch_training_writes_a_run_folder(tmp_path, oai_dir, radiographs_dir):
     config = load_config(
         DetectConfig,
         overrides={
+            "train_crops": str(oai_dir),
+            "train_radiographs": str(radiographs_dir),
+            "train_annotations": str(ANNOTATIONS),
             "train_images": 6,
             "val_images": 2,
             "train_epochs": 1,

@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 from kneepipe.cli import app
 from kneepipe.cli_common import EXIT_FILE_ERRORS
 from kneepipe.config import load_config
-from kneepipe.grade import train as train_module
 from kneepipe.grade.config import GradeConfig
 from kneepipe.grade.model import Preprocessing, read_preprocessing
+from kneepipe.training import grader as train_module
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +61,9 @@ def test_training_resumes_after_a_kill(tiny_run):
     assert epochs == [1, 2]  # epoch 1 not repeated, epoch 2 not lost
     log = (run_dir / "train.log").read_text()
     assert "resumed from" in log and "after epoch 1" in log
-    for name in ("args.yaml", "last.keras", "best.npz", "last.npz", "state.json"):
+    checkpoint = json.loads((run_dir / "state.json").read_text())["checkpoint"]
+    assert checkpoint == "epoch-002.keras" and not (run_dir / "epoch-001.keras").exists()
+    for name in ("args.yaml", checkpoint, "best.npz", "last.npz", "state.json"):
         assert (run_dir / name).exists(), name
     assert best["epoch"] in (1, 2)
     # last.npz is the final epoch's grader file, whichever epoch was best.
@@ -178,11 +180,12 @@ def test_train_average_refuses_a_file_that_is_not_a_grader(tiny_run, tmp_path):
 
 
 def _augmented(crop: np.ndarray, **overrides) -> np.ndarray:
-    from kneepipe.grade.data import radiograph_augmentation
+    from kneepipe.training.augment import AugmentationRecipe, albumentations_pipeline
 
     off = {"hflip": 0.0, "rotate": 0.0, "scale": 0.0, "shift": 0.0, "brightness_contrast": 0.0, "gamma": 0.0}
     off |= {"clahe": 0.0, "noise": 0.0, "sharpen": 0.0, "blur": 0.0, "tight_crop": 0.0}
-    augment = radiograph_augmentation(load_config(GradeConfig, overrides={**off, **overrides}), crop.shape[0])
+    recipe = AugmentationRecipe.from_config(load_config(GradeConfig, overrides={**off, **overrides}))
+    augment = albumentations_pipeline(recipe, crop.shape[0])
     augment.set_random_seed(0)
     return augment(image=crop)["image"]
 

@@ -17,9 +17,13 @@ from kneepipe.config import load_config
 from kneepipe.grade.config import GradeConfig
 from kneepipe.grade.data import labelled_files, load_crops
 from kneepipe.grade.model import read_preprocessing
-from kneepipe.grade.train_torch import augment_batch, learning_rate, pack_crops, read_pack
+from kneepipe.training.augment import AugmentationRecipe
+from kneepipe.training.augment import augment_batch as augment_with_recipe
+from kneepipe.training.grader_torch import pack_crops, read_pack
+from kneepipe.training.recipe import learning_rate
 
 REPO = Path(__file__).resolve().parents[1]
+KNEEPIPE = [sys.executable, "-c", "from kneepipe.cli import app; app()"]
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +62,10 @@ def _config(**overrides):
     return load_config(GradeConfig, overrides=overrides)
 
 
+def augment_batch(crops, config, generator):
+    return augment_with_recipe(crops, AugmentationRecipe.from_config(config), generator)
+
+
 def test_augmentation_off_is_the_identity_and_flip_mirrors(small_root, tmp_path):
     pack_crops(small_root, tmp_path / "pack.npz")
     crops = torch.from_numpy(read_pack(tmp_path / "pack.npz", "train")[0][:6]).float()
@@ -93,8 +101,8 @@ def test_learning_rate_warms_up_holds_then_decays():
 def test_a_short_run_on_the_cpu_writes_graders_and_keeps_the_better(small_root, tmp_path):
     pack_crops(small_root, tmp_path / "pack.npz", quality=90)
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "kneepipe.grade.train_torch", "train", str(tmp_path / "pack.npz"), str(run)]
-    command += ["--minutes", "0.01", "--soup", "2", "train_batch=5", "lr=0.0001", "warmup_epochs=0"]
+    command = [*KNEEPIPE, "train", "grader", "--backend", "torch", "--pack", str(tmp_path / "pack.npz")]
+    command += ["--out", str(run), "--minutes", "0.01", "--soup", "2", "train_batch=5", "lr=0.0001", "warmup_epochs=0"]
     environment = {**os.environ, "KERAS_BACKEND": "torch", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -110,8 +118,8 @@ def test_a_short_run_on_the_cpu_writes_graders_and_keeps_the_better(small_root, 
 
 def test_the_training_command_refuses_a_backend_other_than_torch(small_root, tmp_path):
     pack_crops(small_root, tmp_path / "pack.npz")
-    command = [sys.executable, "-m", "kneepipe.grade.train_torch", "train", str(tmp_path / "pack.npz")]
-    command += [str(tmp_path / "run"), "--minutes", "1"]
+    command = [*KNEEPIPE, "train", "grader", "--backend", "torch", "--pack", str(tmp_path / "pack.npz")]
+    command += ["--out", str(tmp_path / "run"), "--minutes", "1"]
     environment = {**os.environ, "KERAS_BACKEND": "tensorflow"}
     result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "needs KERAS_BACKEND=torch" in result.stderr
@@ -156,15 +164,15 @@ def test_the_shipped_grader_grades_the_same_on_the_torch_backend(small_root, tmp
 
 
 def test_the_training_command_names_a_bad_config_value(tmp_path):
-    command = [sys.executable, "-m", "kneepipe.grade.train_torch", "train", str(tmp_path / "pack.npz")]
-    command += [str(tmp_path / "run"), "--minutes", "1", "lr=fast"]
+    command = [*KNEEPIPE, "train", "grader", "--backend", "torch", "--pack", str(tmp_path / "pack.npz")]
+    command += ["--out", str(tmp_path / "run"), "--minutes", "1", "lr=fast"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "lr: expected float" in result.stderr
     assert not (tmp_path / "run").exists()
 
 
 def test_gpu_trainer_refuses_augmentations_it_does_not_apply(tmp_path):
-    from kneepipe.grade.train_torch import train_on_gpu
+    from kneepipe.training.grader_torch import train_on_gpu
 
     config = load_config(GradeConfig, overrides={"sharpen": 0.4, "tight_crop": 0.3})
     with pytest.raises(ValueError, match="sharpen, tight_crop: not applied"):

@@ -19,6 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import ANNOTATIONS
 from dicom_files import make_dicom, save_dicom
 from typer.testing import CliRunner
 
@@ -254,7 +255,7 @@ def models():
 @pytest.fixture(scope="module")
 def films(tmp_path_factory, oai_dir) -> tuple[Path, Path]:
     """Six pseudo-radiographs from real val crops (the project's compositor) and their labels CSV."""
-    from kneepipe.detect.compose import compose_dataset
+    from kneepipe.training.compose import compose_dataset
 
     folder = tmp_path_factory.mktemp("films")
     labels = compose_dataset(oai_dir / "val", folder, count=6, seed=11, bilateral_fraction=0.7, long_side=(700, 900))
@@ -556,7 +557,7 @@ def test_clinical_radiographs_with_a_report(tmp_path, radiographs_dir):
     result = CliRunner().invoke(app, ["run", str(radiographs_dir), "--out", str(out), "--report", "--no-progress"])
     assert result.exit_code == EXIT_OK, result.output
     rows = read_results(out / "results.csv")
-    annotations = read_annotations()
+    annotations = read_annotations(ANNOTATIONS)
     for name, truth in annotations.items():
         image_rows = [r for r in rows if r["image"] == name]
         if truth["kind"] in ("lateral", "foot"):

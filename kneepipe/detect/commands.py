@@ -1,4 +1,4 @@
-"""``kneepipe detect`` and ``kneepipe train detector``: thin wrappers over the library.
+"""``kneepipe detect``: a thin wrapper over the library.
 
 Only typer and pathlib load at import time; torch and Ultralytics load when a command runs.
 """
@@ -26,7 +26,7 @@ from kneepipe.cli_common import (
 
 def detect(
     inputs: Annotated[Path, typer.Argument(help="A radiograph, or a folder searched recursively.")],
-    out_dir: Annotated[Path, typer.Argument(help="Folder for the joint crops and joints.csv.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the joint crops and joints.csv.")],
     overrides: OverridesArgument = None,
     config: ConfigOption = None,
     model: Annotated[
@@ -73,23 +73,3 @@ def detect(
     if errors:
         console.print(f"[yellow]{errors} file(s) could not be processed; see joints.csv[/]")
     raise typer.Exit(batch_exit_code(summary.statuses, strict, summary.hidden_skipped))
-
-
-def train_detector(
-    out_dir: Annotated[Path, typer.Argument(help="Run folder (dataset, Ultralytics run, args.yaml).")],
-    overrides: OverridesArgument = None,
-    config: ConfigOption = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in OUT_DIR.")] = False,
-    epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
-) -> None:
-    """Train the knee-joint detector on composites of the OAI crops (offline, CPU)."""
-    from kneepipe.detect.config import DetectConfig
-
-    cfg = resolve_config(DetectConfig, config, overrides, {"train_epochs": epochs})
-    from kneepipe.detect.train import train_detector as train
-
-    try:
-        best = train(cfg, out_dir, resume=resume)
-    except FileNotFoundError as err:
-        fail(str(err), EXIT_FAILED)
-    console.print(f"trained detector: {best}")

@@ -23,12 +23,12 @@ import cv2
 import numpy as np
 
 from kneepipe.config import save_config
-from kneepipe.detect.compose import SIDES
 from kneepipe.detect.config import DetectConfig
 from kneepipe.detect.framing import crop_joint, square_box
-from kneepipe.files import FORMULA_STARTS, MAX_KEY_LENGTH, write_atomic, write_csv_atomic
+from kneepipe.files import FORMULA_STARTS, MAX_KEY_LENGTH, file_version, write_atomic, write_csv_atomic
 from kneepipe.imaging import ImageReadError, Radiograph, list_inputs, read_radiograph
 from kneepipe.joints import (
+    SIDES,
     STATUS_ERROR,
     STATUS_NO_KNEE,
     STATUS_NOT_GRADABLE_VIEW,
@@ -59,12 +59,6 @@ JOINTS_CSV_COLUMNS = (
     "message",
 )
 _NEAR_WHITE = 250
-
-
-def file_version(path: Path) -> str:
-    """A short content hash naming a weights file, e.g. ``detector.pt@1a2b3c4d5e6f``."""
-    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
-    return f"{Path(path).name}@{digest}"
 
 
 def suppress_nested(rows: np.ndarray, overlap: float) -> np.ndarray:

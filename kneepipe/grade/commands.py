@@ -1,4 +1,4 @@
-"""``kneepipe grade`` and ``kneepipe train grader``: parse, resolve config, call the library, print."""
+"""``kneepipe grade``: parse, resolve config, call the library, print (training: :mod:`kneepipe.training.commands`)."""
 
 from __future__ import annotations
 
@@ -99,79 +99,3 @@ def grade(
     if len(run.rows) == len(run.skipped):
         fail(f"{crops}: no images found ({len(run.skipped)} other entries skipped)", EXIT_FAILED)
     raise typer.Exit(batch_exit_code([row["status"] for row in run.rows], strict, hidden))
-
-
-def train_grader(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (resumed when it holds a run).")],
-    data: Annotated[str | None, typer.Option(help="Folder with train/ and val/ crops by grade.")] = None,
-    fresh: Annotated[
-        bool, typer.Option("--fresh", help="Refuse to resume; fail if the run folder holds a run.")
-    ] = False,
-    config: ConfigOption = None,
-    overrides: OverridesArgument = None,
-) -> None:
-    """Train the Xception KL grader (selects on val QWK; resumes an interrupted run)."""
-    from kneepipe.grade.config import GradeConfig
-
-    cfg = resolve_config(GradeConfig, config, overrides, {"data": data})
-    from kneepipe.grade.calibrate import calibrate_grader
-    from kneepipe.grade.train import train_grader as run_training
-
-    try:
-        best = run_training(cfg, out, resume=not fresh)
-        temperature = calibrate_grader(out / "best.npz", cfg)
-    except (FileNotFoundError, FileExistsError) as err:
-        fail(str(err))
-    console.print(
-        f"best: epoch {best.get('epoch')} val QWK {best.get('val_qwk')}; temperature {temperature:.3f} "
-        f"fitted on val -> {out / 'best.npz'}"
-    )
-
-
-def average_graders(
-    graders: Annotated[list[Path], typer.Argument(help="Two or more grader files (.npz) of one architecture.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="The averaged grader file to write (.npz).")],
-    data: Annotated[str | None, typer.Option(help="Folder with train/ and val/ crops by grade.")] = None,
-    config: ConfigOption = None,
-) -> None:
-    """Average the weights of fine-tuned graders (a model soup), then calibrate the result on val."""
-    from kneepipe.grade.calibrate import calibrate_grader
-    from kneepipe.grade.config import GradeConfig
-    from kneepipe.grade.model import average_graders as write_average
-
-    cfg = resolve_config(GradeConfig, config, None, {"data": data})
-    try:
-        write_average(graders, out)
-        temperature = calibrate_grader(out, cfg)
-    except (FileNotFoundError, ValueError) as err:
-        fail(str(err))
-    console.print(f"averaged {len(graders)} graders; temperature {temperature:.3f} fitted on val -> {out}")
-
-
-def calibrate_grader(
-    grader: Annotated[Path, typer.Argument(help="A grader file (.npz), e.g. one trained elsewhere.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="The calibrated grader file to write (.npz).")],
-    data: Annotated[str | None, typer.Option(help="Folder with train/ and val/ crops by grade.")] = None,
-    config: ConfigOption = None,
-) -> None:
-    """Fit a grader's temperature, grade biases and decision rule on val; write a calibrated copy."""
-    from kneepipe.files import write_atomic
-    from kneepipe.grade.calibrate import calibrate_grader as calibrate
-    from kneepipe.grade.config import GradeConfig
-    from kneepipe.grade.model import read_preprocessing
-
-    cfg = resolve_config(GradeConfig, config, None, {"data": data})
-    if grader.resolve() == out.resolve():
-        fail(f"{out}: write the calibrated copy beside {grader}, not over it")
-    try:
-        read_preprocessing(grader)
-    except (OSError, ValueError, KeyError) as err:
-        fail(f"{grader}: not a kneepipe grader file ({err})")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, grader.read_bytes())
-    try:
-        temperature = calibrate(out, cfg)
-    except (FileNotFoundError, ValueError) as err:
-        out.unlink(missing_ok=True)
-        fail(str(err))
-    console.print(f"temperature {temperature:.3f} and grade biases fitted on val -> {out}")

@@ -1,4 +1,4 @@
-"""KL-graded crops in memory: discovery, decoding, resizing and augmentation.
+"""KL-graded crops in memory: discovery, decoding and resizing.
 
 A labelled crop folder has the layout ``<root>/<kl_grade>/<crop file>`` (the layout of
 OAI-KL224's ``train`` and ``val``). The crops are decoded once and kept as ``uint8``;
@@ -58,20 +58,6 @@ def split_files(split_csv: str | Path, part: str) -> tuple[list[Path], list[int]
     return [Path(row["file"]) for row in rows], [int(row["kl_grade"]) for row in rows]
 
 
-def stratified_subset(grades: Sequence[int], limit: int | None, seed: int) -> np.ndarray:
-    """Indices of at most ``limit`` items keeping each grade's share (all when ``limit`` is None)."""
-    grades = np.asarray(grades)
-    if limit is None or limit >= len(grades):
-        return np.arange(len(grades))
-    rng = np.random.default_rng(seed)
-    chosen = []
-    for grade in np.unique(grades):
-        members = np.flatnonzero(grades == grade)
-        take = max(1, round(limit * len(members) / len(grades)))
-        chosen.append(rng.choice(members, size=min(take, len(members)), replace=False))
-    return np.sort(np.concatenate(chosen))[: max(limit, len(chosen))]
-
-
 def load_crops(paths: Sequence[Path], grades: Sequence[int], size: int = 224) -> CropSet:
     """Decode crops to ``(n, size, size)`` uint8 (resized with area interpolation when needed)."""
     crops = np.empty((len(paths), size, size), dtype=np.uint8)
@@ -99,51 +85,6 @@ def network_input(crops: np.ndarray, channels: int = 3) -> np.ndarray:
     """``(n, h, w)`` uint8 -> ``(n, h, w, channels)`` float32 in 0-255 (the network rescales)."""
     x = crops.astype(np.float32)[..., None]
     return np.repeat(x, channels, axis=-1) if channels > 1 else x
-
-
-def radiograph_augmentation(config, size: int = 224):
-    """Augmentations suited to knee radiographs from any X-ray system (albumentations), from the grade config.
-
-    Besides pose (flip, rotation, zoom, shift) they vary what differs between sites:
-    exposure and contrast (brightness/contrast, gamma, CLAHE), the imaging chain's
-    sharpness (a digital system's edge enhancement, or a soft, downsampled film), noise,
-    and the crop's framing: a tight, wide band around the joint stretched to the square
-    (``tight_crop``), as a folder of another site's non-square crops arrives.
-    """
-    import albumentations as A
-
-    transforms = [
-        A.HorizontalFlip(p=config.hflip),
-        A.RandomResizedCrop(
-            size=(size, size), scale=(0.45, 1.0), ratio=(1.2, 2.0), interpolation=cv2.INTER_AREA, p=config.tight_crop
-        ),
-        A.Affine(
-            rotate=(-config.rotate, config.rotate),
-            scale=(1 - config.scale, 1 + config.scale),
-            translate_percent=(-config.shift, config.shift),
-            border_mode=cv2.BORDER_REFLECT_101,
-            p=0.8,
-        ),
-        A.RandomBrightnessContrast(config.brightness_contrast, config.brightness_contrast, p=0.5),
-        A.RandomGamma((100 * (1 - config.gamma), 100 * (1 + config.gamma)), p=0.5),
-        A.CLAHE(clip_limit=(1.0, 3.0), tile_grid_size=(4, 4), p=config.clahe),
-        A.OneOf(
-            [
-                A.Sharpen(alpha=(0.2, 0.6), lightness=(0.8, 1.0)),
-                A.UnsharpMask(blur_limit=(3, 7), sigma_limit=(1.0, 2.0), alpha=(0.3, 0.8)),
-            ],
-            p=config.sharpen,
-        ),
-        A.OneOf(
-            [
-                A.GaussianBlur(sigma_limit=(0.4, 1.2)),
-                A.Downscale(scale_range=(0.5, 0.8), interpolation_pair={"downscale": cv2.INTER_AREA, "upscale": 1}),
-            ],
-            p=config.blur,
-        ),
-        A.GaussNoise(std_range=(0.01, 0.04), p=config.noise),
-    ]
-    return A.Compose(transforms)
 
 
 def class_weights(grades: np.ndarray, scheme: str) -> np.ndarray:

@@ -35,7 +35,7 @@ import numpy as np
 from kneepipe import __version__
 from kneepipe.config import save_config, to_dict
 from kneepipe.detect.predict import Detector, detect_radiographs
-from kneepipe.files import output_keys, write_atomic
+from kneepipe.files import file_digest, output_keys, write_atomic
 from kneepipe.imaging import ImageReadError, Radiograph, list_inputs
 from kneepipe.joints import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, Detection, Joint
 from kneepipe.pipeline.config import PipelineConfig
@@ -52,7 +52,6 @@ from kneepipe.pipeline.records import ImageRecord, KneeRecord, SkippedEntry, ima
 from kneepipe.pipeline.state import (
     JOURNAL,
     append_journal,
-    file_digest,
     fingerprint,
     fingerprint_parts,
     input_listing,

@@ -124,11 +124,6 @@ def fingerprint(parts: Mapping[str, str]) -> str:
     return hashlib.sha256(json.dumps(dict(parts), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def file_digest(path: Path) -> str:
-    """Content hash of a small file (the labels CSV)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
 def prepare_output(out_dir: Path, parts: Mapping[str, str], overwrite: bool) -> bool:
     """Check the output folder against this run; returns True when an earlier run is resumed.
 

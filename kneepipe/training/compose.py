@@ -22,8 +22,8 @@ so the side is learned from anatomy (the fibula is lateral), not only from posit
 from __future__ import annotations
 
 import csv
+import io
 import math
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,9 +34,7 @@ import numpy as np
 
 from kneepipe.detect.framing import CROP_SIZE
 from kneepipe.files import write_atomic
-
-SIDES = ("R", "L")
-"""Detector class order: class 0 is the patient's right knee, class 1 the left."""
+from kneepipe.joints import SIDES
 
 _CROP_NAME = re.compile(r"^(?P<patient_id>\d+)(?P<side>[LR])$")
 
@@ -431,11 +429,8 @@ def compose_dataset(
         write_atomic(labels_dir / f"{Path(name).stem}.txt", ("\n".join(lines) + "\n").encode())
         for knee in placed:
             rows.append([name, knee.side, knee.kl_grade, *(f"{v:.1f}" for v in knee.box), knee.source.name])
-    labels_csv = Path(out_dir) / "labels.csv"
-    tmp = labels_csv.with_name(".labels.csv.tmp")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["image", "side", "kl_grade", "x1", "y1", "x2", "y2", "source_crop"])
-        writer.writerows(rows)
-    os.replace(tmp, labels_csv)
-    return labels_csv
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    writer.writerow(["image", "side", "kl_grade", "x1", "y1", "x2", "y2", "source_crop"])
+    writer.writerows(rows)
+    return write_atomic(Path(out_dir) / "labels.csv", buffer.getvalue())

@@ -1,4 +1,4 @@
-"""Training the knee-joint detector on composites, offline, from a model YAML.
+"""Training the knee-joint detector on composites, offline, from a model YAML, and measuring it on val composites.
 
 A run folder holds everything needed to inspect or resume it::
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +27,16 @@ import numpy as np
 import yaml
 
 from kneepipe.config import save_config
-from kneepipe.detect.compose import SIDES, compose_dataset
 from kneepipe.detect.config import DetectConfig
+from kneepipe.detect.evaluate import match_joints
+from kneepipe.detect.predict import Detector
+from kneepipe.files import write_atomic
+from kneepipe.imaging import read_radiograph
+from kneepipe.joints import SIDES
+from kneepipe.training.compose import compose_dataset
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-SHARED_DATA = PROJECT_ROOT / ".." / "shared" / "data"
 BACKGROUND_KINDS = ("lateral", "foot")
 """Annotated radiograph kinds used as background (no-knee) training images."""
-
-
-def _project_path(value: str | None, default: Path | None) -> Path | None:
-    if value is None:
-        return default
-    path = Path(value)
-    return path if path.is_absolute() else PROJECT_ROOT / path
 
 
 def background_images(annotations: Path, radiographs: Path) -> list[Path]:
@@ -86,7 +83,9 @@ def build_dataset(config: DetectConfig, dataset_dir: Path) -> Path:
     data_yaml = dataset_dir / "data.yaml"
     if data_yaml.exists():
         return data_yaml
-    crops = _project_path(config.train_crops, SHARED_DATA / "oai-kl224")
+    if not config.train_crops:
+        raise FileNotFoundError("train_crops: name the OAI crop folder (with train/ and val/) to compose from")
+    crops = Path(config.train_crops)
     for split, count, seed in (
         ("train", config.train_images, config.seed),
         ("val", config.val_images, config.seed + 1),
@@ -102,10 +101,10 @@ def build_dataset(config: DetectConfig, dataset_dir: Path) -> Path:
         )
         (dataset_dir / "labels.csv").rename(dataset_dir / f"labels_{split}.csv")
     backgrounds = 0
-    annotations = _project_path(config.train_annotations, None)
-    if annotations is not None and config.background_copies > 0:
-        radiographs = _project_path(config.train_radiographs, SHARED_DATA / "radiographs")
-        paths = background_images(annotations, radiographs)
+    if config.train_annotations and config.background_copies > 0:
+        if not config.train_radiographs:
+            raise FileNotFoundError("train_radiographs: name the folder of the radiographs train_annotations lists")
+        paths = background_images(Path(config.train_annotations), Path(config.train_radiographs))
         rng = np.random.default_rng(config.seed + 2)
         backgrounds = _write_backgrounds(paths, dataset_dir, config.background_copies, rng)
     names = {index: f"{'right' if side == 'R' else 'left'}_knee" for index, side in enumerate(SIDES)}
@@ -125,10 +124,7 @@ def build_dataset(config: DetectConfig, dataset_dir: Path) -> Path:
             indent=2,
         )
     )
-    tmp = data_yaml.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(content, sort_keys=False))
-    tmp.replace(data_yaml)
-    return data_yaml
+    return write_atomic(data_yaml, yaml.safe_dump(content, sort_keys=False))
 
 
 def ultralytics_train_args(config: DetectConfig, data_yaml: Path, out_dir: Path) -> dict[str, Any]:
@@ -197,7 +193,7 @@ def train_detector(config: DetectConfig, out_dir: Path, resume: bool = False) ->
     data_yaml = build_dataset(config, out_dir / "dataset")
     save_config(config, out_dir, extra={"data_yaml": data_yaml})
     if config.init_weights:
-        init = _project_path(config.init_weights, None)
+        init = Path(config.init_weights)
         if not init.is_file():
             raise FileNotFoundError(f"{init}: init_weights not found")
         model = YOLO(str(init))
@@ -205,3 +201,43 @@ def train_detector(config: DetectConfig, out_dir: Path, resume: bool = False) ->
         model = YOLO(config.model_yaml)
     model.train(**ultralytics_train_args(config, data_yaml, out_dir))
     return weights_dir / "best.pt"
+
+
+def evaluate_composites(
+    detector: Detector,
+    crops_root: Path,
+    count: int = 300,
+    seed: int = 2024,
+    iou_threshold: float = 0.75,
+) -> dict[str, Any]:
+    """Recall at ``iou_threshold`` and side accuracy on fresh composites of the val crops under ``crops_root``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        labels_csv = compose_dataset(crops_root, Path(tmp), count=count, seed=seed)
+        with labels_csv.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        truth: dict[str, list] = {}
+        for row in rows:
+            box = tuple(float(row[key]) for key in ("x1", "y1", "x2", "y2"))
+            truth.setdefault(row["image"], []).append((row["side"], box))
+        names = sorted(truth)
+        ious, sides_right, extra = [], [], 0
+        for start in range(0, len(names), 16):
+            chunk = names[start : start + 16]
+            radiographs = [read_radiograph(Path(tmp) / "images" / name) for name in chunk]
+            for name, detection in zip(chunk, detector.detect(radiographs), strict=True):
+                matches = match_joints(truth[name], detection)
+                ious += [m["iou"] for m in matches]
+                sides_right += [m["predicted_side"] == m["side"] for m in matches if m["iou"] >= 0.5]
+                extra += max(0, len(detection.joints) - sum(m["iou"] > 0 for m in matches))
+    found = sum(iou >= iou_threshold for iou in ious)
+    return {
+        "composites": count,
+        "seed": seed,
+        "joints": len(ious),
+        "iou_threshold": iou_threshold,
+        "recall": found / len(ious),
+        "recall_iou50": sum(iou >= 0.5 for iou in ious) / len(ious),
+        "mean_iou": sum(ious) / len(ious),
+        "side_accuracy": sum(sides_right) / len(sides_right) if sides_right else 0.0,
+        "extra_detections": extra,
+    }

@@ -19,9 +19,9 @@ def calibrate_grader(path: str | Path, config: GradeConfig) -> float:
     """
     from kneepipe.grade.calibration import fit_temperature_and_bias
     from kneepipe.grade.predict import Grader
-    from kneepipe.grade.train import load_training_data
+    from kneepipe.training.recipe import load_crop_sets
 
-    _, val = load_training_data(config)
+    _, val = load_crop_sets(config)
     grader = Grader.load(path)
     probabilities = probabilities_from_logits(grader.predict_logits(val.crops, config.batch), grader.preprocessing.head)
     log_probabilities = np.log(np.clip(probabilities, 1e-12, 1.0))

@@ -2,16 +2,16 @@
 
 ``kneepipe train grader`` is built for a CPU: albumentations in a Python generator feed
 ``model.fit``. On a GPU that generator, not the network, sets the pace. This module
-trains the same network, loss and grader file with the crops held on the GPU as
-``uint8`` and augmented there in batches (flip, affine, brightness/contrast, gamma,
-Gaussian noise: the CPU recipe's augmentations except CLAHE), in a plain torch loop.
+trains the same network, loss and grader file, by the same recipe
+(:mod:`kneepipe.training.recipe`, :mod:`kneepipe.training.augment`), with the crops held
+on the GPU as ``uint8`` and augmented there in batches, in a plain torch loop.
 
 It reads a *crop pack*: one ``.npz`` holding the train and val crops, each encoded as
 PNG or JPEG, with their grades. A pack is small enough to copy to a training machine
 that cannot see the crop folders::
 
-    python -m kneepipe.grade.train_torch pack ../shared/data/oai-kl224 pack.npz --quality 90
-    KERAS_BACKEND=torch python -m kneepipe.grade.train_torch train pack.npz RUN --minutes 6 \\
+    kneepipe train pack ../shared/data/oai-kl224 --out pack.npz --quality 90
+    kneepipe train grader --backend torch --pack pack.npz --out RUN --minutes 6 \\
         init=kneepipe/weights/grader.npz lr=0.0003 train_batch=64
 
 ``train`` runs for a wall-clock budget: it times the first two epochs, then fixes the
@@ -26,18 +26,29 @@ the higher val QWK. Calibrate the result on val before using it::
 
 from __future__ import annotations
 
-import argparse
 import io
-import math
 import os
 import time
 from pathlib import Path
 
 import numpy as np
 
-from kneepipe.config import ConfigError, load_config, save_config
+from kneepipe.config import save_config
 from kneepipe.files import write_atomic
 from kneepipe.grade.config import GradeConfig
+from kneepipe.training.augment import AugmentationRecipe, augment_batch
+from kneepipe.training.recipe import (
+    RunLog,
+    append_epoch,
+    epoch_record,
+    grader_record,
+    initial_weights,
+    learning_rate,
+    precision_policy,
+    start_run,
+    stratified_subset,
+    training_prior,
+)
 
 PACK_PARTS = ("train", "val")
 
@@ -92,85 +103,22 @@ def read_pack(path: str | Path, part: str) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(crops), grades.astype(np.int64)
 
 
-def augment_batch(x, config: GradeConfig, generator):
-    """Randomly augment a ``(b, h, w)`` float batch in 0-255 on its device.
-
-    Horizontal flip (p ``hflip``); rotation, zoom and shift with reflected borders (p 0.8);
-    brightness/contrast (p 0.5); gamma (p 0.5); Gaussian noise, std 1-4% (p ``noise``).
-    The ranges are the grade config's, as in the CPU recipe.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    b, h, w = x.shape
-
-    def uniform(low: float, high: float):
-        return torch.rand(b, device=x.device, generator=generator) * (high - low) + low
-
-    def coin(p: float):
-        return torch.rand(b, device=x.device, generator=generator) < p
-
-    x = torch.where(coin(config.hflip)[:, None, None], x.flip(-1), x)
-
-    on = coin(0.8).float()
-    angle = torch.deg2rad(uniform(-config.rotate, config.rotate)) * on
-    zoom = 1 + uniform(-config.scale, config.scale) * on
-    shift_x, shift_y = (uniform(-config.shift, config.shift) * 2 * on for _ in range(2))  # [-1, 1] spans 2
-    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-    theta = torch.stack([torch.stack([cos, -sin, shift_x], 1), torch.stack([sin, cos, shift_y], 1)], 1)
-    grid = F.affine_grid(theta, (b, 1, h, w), align_corners=False)
-    x = F.grid_sample(x[:, None], grid, mode="bilinear", padding_mode="reflection", align_corners=False)[:, 0]
-
-    on = coin(0.5).float()
-    contrast = 1 + uniform(-config.brightness_contrast, config.brightness_contrast) * on
-    brightness = uniform(-config.brightness_contrast, config.brightness_contrast) * on * 255
-    x = (x * contrast[:, None, None] + brightness[:, None, None]).clamp(0, 255)
-
-    on = coin(0.5).float()
-    gamma = 1 + uniform(-config.gamma, config.gamma) * on
-    x = 255 * (x / 255).clamp_min(1e-6) ** gamma[:, None, None]
-
-    std = uniform(0.01, 0.04) * 255 * coin(config.noise).float()
-    noise = torch.randn(x.shape, device=x.device, generator=generator)
-    return (x + noise * std[:, None, None]).clamp(0, 255)
-
-
-def learning_rate(step: int, peak: float, warmup_steps: int, hold_steps: int, total_steps: int | None) -> float:
-    """Linear warm-up from peak/25, the peak held to ``hold_steps``, then cosine decay to 1% of it.
-
-    ``total_steps`` is ``None`` until the epoch count is fixed (the peak holds meanwhile).
-
-    >>> learning_rate(0, 1.0, 10, 20, 100), learning_rate(15, 1.0, 10, 20, 100), learning_rate(100, 1.0, 10, 20, 100)
-    (0.04, 1.0, 0.01)
-    """
-    if step < warmup_steps:
-        return peak / 25 + (peak - peak / 25) * step / warmup_steps
-    if total_steps is None or step < hold_steps:
-        return peak
-    progress = min(1.0, (step - hold_steps) / max(1, total_steps - hold_steps))
-    return peak * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def train_on_gpu(
     config: GradeConfig, pack: str | Path, run_dir: str | Path, minutes: float, soup: int = 4, max_epochs: int = 200
 ) -> dict:
-    """Train a grader from a crop pack for about ``minutes`` of wall-clock time; returns the kept record."""
-    unsupported = [key for key in ("sharpen", "blur", "tight_crop") if getattr(config, key)]
+    """Train a grader from a crop pack for about ``minutes`` of wall-clock time; returns the kept record.
+
+    Raises:
+        ValueError: the config asks for what this trainer does not do (augmentations it
+            cannot apply on the device, the CORN head).
+        RuntimeError: Keras runs on another backend than torch.
+        FileExistsError: ``run_dir`` holds a run.
+    """
+    recipe = AugmentationRecipe.from_config(config)
+    unsupported = recipe.refused_on_device()
     if unsupported:
         raise ValueError(f"{', '.join(unsupported)}: not applied by the GPU augmentation; set to 0 or train on the CPU")
     os.environ.setdefault("KERAS_BACKEND", "torch")
-    import torch
-
-    from kneepipe.grade.data import class_weights, stratified_subset
-    from kneepipe.grade.model import (
-        Preprocessing,
-        build_grader,
-        probabilities_from_logits,
-        read_grader_file,
-        save_grader,
-    )
-    from kneepipe.grade.train import RunLog, append_epoch, epoch_record
-    from kneepipe.metrics import grading_metrics
     from kneepipe.runtime import import_keras
 
     keras = import_keras()
@@ -179,13 +127,44 @@ def train_on_gpu(
     if config.head != "softmax":
         raise ValueError("this trainer supports the softmax head only")
     run_dir = Path(run_dir)
-    if (run_dir / "metrics.csv").exists():
-        raise FileExistsError(f"{run_dir} already holds a run; choose another folder")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log = RunLog(run_dir)
+    log = start_run(run_dir, resuming=False)
     started = time.time()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     save_config(config, run_dir, extra={"trainer": "train_torch", "pack": str(pack), "minutes": minutes})
+    with precision_policy(config.train_precision):
+        return _train(config, recipe, pack, run_dir, minutes, soup, max_epochs, log, started)
+
+
+def soup_is_kept(soup_qwk: float | None, last_qwk: float | None) -> bool:
+    """Whether the weight soup replaces the last epoch: its val QWK is as good (a defined QWK beats none).
+
+    >>> soup_is_kept(0.5, 0.5), soup_is_kept(None, 0.5), soup_is_kept(0.1, None)
+    (True, False, True)
+    """
+    if soup_qwk is None:
+        return False
+    return last_qwk is None or soup_qwk >= last_qwk
+
+
+def _train(
+    config: GradeConfig,
+    recipe: AugmentationRecipe,
+    pack: str | Path,
+    run_dir: Path,
+    minutes: float,
+    soup: int,
+    max_epochs: int,
+    log: RunLog,
+    started: float,
+) -> dict:
+    import torch
+
+    from kneepipe.grade.data import class_weights
+    from kneepipe.grade.model import build_grader, probabilities_from_logits, save_grader
+    from kneepipe.metrics import grading_metrics
+    from kneepipe.runtime import import_keras
+
+    keras = import_keras()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     train_x, train_y = read_pack(pack, "train")
     val_x, val_y = read_pack(pack, "val")
@@ -195,7 +174,7 @@ def train_on_gpu(
     val_x, val_y = val_x[keep], val_y[keep]
     log(f"data: {len(train_y)} train {np.bincount(train_y, minlength=5).tolist()}, {len(val_y)} val on {device}")
     weights = torch.tensor(class_weights(train_y, config.class_weighting), dtype=torch.float32, device=device)
-    train_prior = tuple(float(p) for p in np.bincount(train_y, minlength=5) / len(train_y))
+    train_prior = training_prior(train_y)
     train_gpu = torch.from_numpy(train_x).to(device)
     labels_gpu = torch.from_numpy(train_y).to(device)
     val_gpu = torch.from_numpy(val_x).to(device)
@@ -203,10 +182,10 @@ def train_on_gpu(
     keras.utils.set_random_seed(config.seed)
     torch.manual_seed(config.seed)
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    keras.config.set_dtype_policy(config.train_precision)
     model = build_grader(config.head, config.dropout)
-    if config.init:
-        model.set_weights(read_grader_file(config.init)[1])
+    initial = initial_weights(config)
+    if initial is not None:
+        model.set_weights(initial)
         log(f"initialised from {config.init}")
     parameters = [v.value for v in model.trainable_variables]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
@@ -238,7 +217,7 @@ def train_on_gpu(
         losses = torch.zeros((), device=device)
         for i in range(steps):
             index = order[i * batch : (i + 1) * batch]
-            x = augment_batch(train_gpu[index].float(), config, generator)
+            x = augment_batch(train_gpu[index].float(), recipe, generator)
             y = labels_gpu[index]
             lr = learning_rate(step, config.lr, warmup, hold, total_steps)
             for group in optimizer.param_groups:
@@ -273,9 +252,9 @@ def train_on_gpu(
             soup_sum = current if soup_sum is None else [a + c for a, c in zip(soup_sum, current, strict=True)]
             soup_count += 1
 
-    def preprocessing(kind: str, qwk: float) -> Preprocessing:
-        recipe = {"trainer": "train_torch", "epochs": epochs, "kept": kind, "val_qwk": qwk, "pack": Path(pack).name}
-        return Preprocessing(input_size=int(train_x.shape[1]), head=config.head, train_prior=train_prior, extra=recipe)
+    def preprocessing(kind: str, qwk: float | None):
+        facts = {"trainer": "train_torch", "epochs": epochs, "kept": kind, "val_qwk": qwk, "pack": Path(pack).name}
+        return grader_record(int(train_x.shape[1]), config, train_prior, facts)
 
     last_metrics = evaluate()
     save_grader(model, preprocessing("last epoch", last_metrics["qwk"]), run_dir / "last.npz")
@@ -285,48 +264,9 @@ def train_on_gpu(
         soup_metrics = evaluate()
         save_grader(model, preprocessing(f"soup of {soup_count} epochs", soup_metrics["qwk"]), run_dir / "soup.npz")
         log(f"soup of the last {soup_count} epochs: val acc {soup_metrics['accuracy']} QWK {soup_metrics['qwk']}")
-        if soup_metrics["qwk"] >= last_metrics["qwk"]:
+        if soup_is_kept(soup_metrics["qwk"], last_metrics["qwk"]):
             kept, kept_metrics = "soup", soup_metrics
     source = run_dir / f"{kept}.npz"
     write_atomic(run_dir / "grader.npz", source.read_bytes())
     log(f"kept {source.name} as grader.npz (val QWK {kept_metrics['qwk']}); {(time.time() - started) / 60:.1f} min")
     return {"kept": kept, "epochs": epochs, **{k: kept_metrics[k] for k in ("accuracy", "qwk", "mae", "ece")}}
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m kneepipe.grade.train_torch", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    pack = commands.add_parser("pack", help="encode labelled train/ and val/ crop folders into one crop pack")
-    pack.add_argument("root")
-    pack.add_argument("out")
-    pack.add_argument("--quality", type=int, default=None, help="JPEG quality; default lossless PNG")
-    train = commands.add_parser("train", help="train a grader from a crop pack on a GPU")
-    train.add_argument("pack")
-    train.add_argument("run_dir")
-    train.add_argument("--minutes", type=float, required=True, help="wall-clock budget, loading included")
-    train.add_argument("--soup", type=int, default=4, help="average the weights of this many final epochs")
-    train.add_argument("--max-epochs", type=int, default=200)
-    train.add_argument("overrides", nargs="*", help="grade config keys as key=value (lr, train_batch, init, ...)")
-    args, extra = parser.parse_known_args(argv)
-    if args.command == "train":  # key=value overrides may come before or after the options
-        args.overrides = [*args.overrides, *extra]
-        extra = [token for token in extra if "=" not in token]
-    if extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command == "pack":
-        counts = pack_crops(args.root, args.out, args.quality)
-        print(f"{args.out}: {counts}, {Path(args.out).stat().st_size / 1e6:.1f} MB")
-    else:
-        try:
-            config = load_config(GradeConfig, overrides=args.overrides)
-        except ConfigError as err:
-            parser.error(str(err))
-        try:
-            result = train_on_gpu(config, args.pack, args.run_dir, args.minutes, args.soup, args.max_epochs)
-        except ValueError as err:
-            parser.error(str(err))
-        print(result)
-
-
-if __name__ == "__main__":
-    main()

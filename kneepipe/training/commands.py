@@ -1,0 +1,218 @@
+"""``kneepipe train ...`` and ``kneepipe evaluate detector``: parse, resolve config, call the training library, print.
+
+Only typer loads at import time; the trainers, their frameworks and the training-only
+packages (the ``[train]`` extra) load when a command runs.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kneepipe.cli_common import EXIT_CONFIG, EXIT_FAILED, ConfigOption, OverridesArgument, console, fail, resolve_config
+
+OutOption = Annotated[Path, typer.Option("--out", "-o", help="Run folder (created; resumed where the trainer can).")]
+DataOption = Annotated[
+    str | None, typer.Option(help="Folder with train/ and val/ crops by grade (the grade config's `data`).")
+]
+
+
+class Backend(StrEnum):
+    """Where ``kneepipe train grader`` trains: Keras on the CPU, or Keras on torch with the crops on a GPU."""
+
+    cpu = "cpu"
+    torch = "torch"
+
+
+def train_detector(
+    out: OutOption,
+    overrides: OverridesArgument = None,
+    config: ConfigOption = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in OUT.")] = False,
+    epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
+) -> None:
+    """Train the knee-joint detector on composites of the OAI crops (offline, CPU).
+
+    Name the crops with train_crops=DIR (and, for background films, train_radiographs=DIR
+    train_annotations=CSV).
+    """
+    from kneepipe.detect.config import DetectConfig
+
+    cfg = resolve_config(DetectConfig, config, overrides, {"train_epochs": epochs})
+    from kneepipe.training.detector import train_detector as train
+
+    try:
+        best = train(cfg, out, resume=resume)
+    except FileNotFoundError as err:
+        fail(str(err), EXIT_FAILED)
+    console.print(f"trained detector: {best}")
+
+
+def train_grader(
+    out: OutOption,
+    data: DataOption = None,
+    backend: Annotated[
+        Backend, typer.Option(help="cpu: Keras with albumentations; torch: Keras on torch, crops on a GPU (--pack).")
+    ] = Backend.cpu,
+    pack: Annotated[
+        Path | None, typer.Option(help="--backend torch: the crop pack to train from (`kneepipe train pack`).")
+    ] = None,
+    minutes: Annotated[
+        float | None, typer.Option(help="--backend torch: wall-clock budget in minutes, loading included.", min=0)
+    ] = None,
+    soup: Annotated[int, typer.Option(help="--backend torch: average the weights of this many final epochs.")] = 4,
+    max_epochs: Annotated[int, typer.Option(help="--backend torch: most epochs, whatever the budget.")] = 200,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="Refuse to resume; fail if the run folder holds a run.")
+    ] = False,
+    config: ConfigOption = None,
+    overrides: OverridesArgument = None,
+) -> None:
+    """Train the Xception KL grader; one recipe on either backend, selected or kept on val QWK.
+
+    On the CPU (default) the run resumes when interrupted, and best.npz is calibrated on val.
+    With --backend torch --pack P --minutes M it trains for a wall-clock budget and writes
+    grader.npz (calibrate it with `kneepipe train calibrate`).
+    """
+    from kneepipe.grade.config import GradeConfig
+
+    cfg = resolve_config(GradeConfig, config, overrides, {"data": data})
+    if backend is Backend.torch:
+        if pack is None or minutes is None:
+            fail("--backend torch needs --pack (a crop pack) and --minutes (the budget)", EXIT_CONFIG)
+        from kneepipe.training.grader_torch import train_on_gpu
+
+        try:
+            result = train_on_gpu(cfg, pack, out, minutes, soup, max_epochs)
+        except ValueError as err:
+            fail(str(err), EXIT_CONFIG)
+        except (FileNotFoundError, FileExistsError, RuntimeError) as err:
+            fail(str(err))
+        console.print(f"kept {result['kept']} after {result['epochs']} epochs: val QWK {result['qwk']} -> {out}")
+        return
+    if pack is not None or minutes is not None:
+        fail("--pack and --minutes are options of --backend torch", EXIT_CONFIG)
+    from kneepipe.training.calibrate import calibrate_grader
+    from kneepipe.training.grader import train_grader as run_training
+
+    try:
+        best = run_training(cfg, out, resume=not fresh)
+        temperature = calibrate_grader(out / "best.npz", cfg)
+    except (FileNotFoundError, FileExistsError) as err:
+        fail(str(err))
+    console.print(
+        f"best: epoch {best.get('epoch')} val QWK {best.get('val_qwk')}; temperature {temperature:.3f} "
+        f"fitted on val -> {out / 'best.npz'}"
+    )
+
+
+def pack_crops(
+    root: Annotated[Path, typer.Argument(help="A folder with train/ and val/ crops by grade.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The crop pack to write (.npz).")],
+    quality: Annotated[
+        int | None, typer.Option(help="JPEG quality 1-100; default lossless PNG.", min=1, max=100)
+    ] = None,
+) -> None:
+    """Encode labelled train/ and val/ crops into one crop pack, to train on a machine without the folders."""
+    from kneepipe.training.grader_torch import pack_crops as write_pack
+
+    try:
+        counts = write_pack(root, out, quality)
+    except (FileNotFoundError, ValueError) as err:
+        fail(str(err))
+    console.print(f"{out}: {counts}, {out.stat().st_size / 1e6:.1f} MB")
+
+
+def average_graders(
+    graders: Annotated[list[Path], typer.Argument(help="Two or more grader files (.npz) of one architecture.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The averaged grader file to write (.npz).")],
+    data: DataOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Average the weights of fine-tuned graders (a model soup), then calibrate the result on val."""
+    from kneepipe.grade.config import GradeConfig
+    from kneepipe.grade.model import average_graders as write_average
+    from kneepipe.training.calibrate import calibrate_grader
+
+    cfg = resolve_config(GradeConfig, config, None, {"data": data})
+    try:
+        write_average(graders, out)
+        temperature = calibrate_grader(out, cfg)
+    except (FileNotFoundError, ValueError) as err:
+        fail(str(err))
+    console.print(f"averaged {len(graders)} graders; temperature {temperature:.3f} fitted on val -> {out}")
+
+
+def calibrate_grader(
+    grader: Annotated[Path, typer.Argument(help="A grader file (.npz), e.g. one trained elsewhere.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The calibrated grader file to write (.npz).")],
+    data: DataOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Fit a grader's temperature, grade biases and decision rule on val; write a calibrated copy."""
+    from kneepipe.files import write_atomic
+    from kneepipe.grade.config import GradeConfig
+    from kneepipe.grade.model import read_preprocessing
+    from kneepipe.training.calibrate import calibrate_grader as calibrate
+
+    cfg = resolve_config(GradeConfig, config, None, {"data": data})
+    if grader.resolve() == out.resolve():
+        fail(f"{out}: write the calibrated copy beside {grader}, not over it")
+    try:
+        read_preprocessing(grader)
+    except (OSError, ValueError, KeyError) as err:
+        fail(f"{grader}: not a kneepipe grader file ({err})")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, grader.read_bytes())
+    try:
+        temperature = calibrate(out, cfg)
+    except (FileNotFoundError, ValueError) as err:
+        out.unlink(missing_ok=True)
+        fail(str(err))
+    console.print(f"temperature {temperature:.3f} and grade biases fitted on val -> {out}")
+
+
+def evaluate_detector(
+    radiographs: Annotated[Path, typer.Option(help="Folder of the annotated real radiographs.")],
+    annotations: Annotated[Path, typer.Option(help="Their annotation CSV (image,kind,side,x1,y1,x2,y2).")],
+    crops: Annotated[
+        Path | None, typer.Option(help="Val crops by grade to compose test films from; omit to skip composites.")
+    ] = None,
+    composites: Annotated[int, typer.Option(help="Composites built from --crops.", min=1)] = 300,
+    seed: Annotated[int, typer.Option(help="Seed of the composites.")] = 2024,
+    model: Annotated[Path | None, typer.Option("--model", help="Detector weights; default: the shipped one.")] = None,
+    per_image: Annotated[bool, typer.Option("--per-image", help="Include each radiograph's record.")] = False,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Also write the figures to this JSON file.")] = None,
+) -> None:
+    """Measure the detector (the model card's figures): recall and side accuracy on real films and composites.
+
+    Prints JSON with the detector's version, the annotated-radiograph measure and, with
+    --crops, the measure on fresh composites of those crops.
+    """
+    from kneepipe.config import load_config
+    from kneepipe.detect.config import DetectConfig
+    from kneepipe.detect.evaluate import evaluate_radiographs
+    from kneepipe.detect.predict import JointDetector
+
+    for path in (radiographs, annotations, crops):
+        if path is not None and not path.exists():
+            fail(f"{path}: no such file or folder")
+    detector = JointDetector.load(load_config(DetectConfig, overrides={"model": str(model)} if model else None))
+    real = evaluate_radiographs(detector, radiographs, annotations)
+    if not per_image:
+        real.pop("per_image")
+    figures = {"detector": detector.version, "radiographs": real}
+    if crops is not None:
+        from kneepipe.training.detector import evaluate_composites
+
+        figures["val_composites"] = evaluate_composites(detector, crops, count=composites, seed=seed)
+    text = json.dumps(figures, indent=2)
+    if out is not None:
+        from kneepipe.files import write_atomic
+
+        write_atomic(out, text + "\n")
+    typer.echo(text)
