@@ -10,7 +10,10 @@ import io
 import json
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
+from dicom_files import make_dicom, save_dicom
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
@@ -68,10 +71,14 @@ def test_safe_names_never_leave_the_folder():
 
 def test_uploads_are_checked_by_content_and_stored_under_safe_names(tmp_path, film):
     client = _client(tmp_path)
+    pixels = cv2.imdecode(np.frombuffer(film, np.uint8), cv2.IMREAD_GRAYSCALE)
+    (tmp_path / "source").mkdir()
+    dicom = save_dicom(make_dicom(pixels, "MONOCHROME2", 8), tmp_path / "source" / "IM0001").read_bytes()
     files = [
         ("files", ("../../escape.png", film, "image/png")),
         ("files", ("..\\..\\windows.png", film, "image/png")),
         ("files", ("film-named.txt", film, "text/plain")),  # a PNG whatever its name says
+        ("files", ("IM0001", dicom, "application/octet-stream")),  # a DICOM without a suffix
         ("files", ("scan.dcm", b"name,grade\nknee,2\n", "application/dicom")),  # text named as a DICOM
         ("files", ("picture.png", b"GIF89a" + bytes(200), "image/png")),
         ("files", ("empty.png", b"", "image/png")),
@@ -79,17 +86,17 @@ def test_uploads_are_checked_by_content_and_stored_under_safe_names(tmp_path, fi
     response = client.post("/api/runs", files=files)
     assert response.status_code == 202, response.text
     run = response.json()
-    assert [f["name"] for f in run["files"]] == ["escape.png", "windows.png", "film-named.txt"]
+    assert [f["name"] for f in run["files"]] == ["escape.png", "windows.png", "film-named.txt", "IM0001"]
     assert [f["original"] for f in run["files"]][:2] == ["../../escape.png", "..\\..\\windows.png"]
     reasons = {r["original"]: r["reason"] for r in run["refused"]}
     assert "not an image" in reasons["scan.dcm"] and "whatever its name says" in reasons["scan.dcm"]
     assert "a GIF image, not a radiograph format" in reasons["picture.png"]
     assert reasons["empty.png"] == "empty file"
-    assert run["status"] == "queued" and [f["status"] for f in run["films"]] == ["queued"] * 3
+    assert run["status"] == "queued" and [f["status"] for f in run["films"]] == ["queued"] * 4
     # Everything written lies under the data folder's run, and the uploads under inputs/.
-    written = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    written = sorted(p for p in tmp_path.rglob("*") if p.is_file() and "source" not in p.parts)
     inputs = tmp_path / "data" / "runs" / run["id"] / "inputs"
-    assert sorted(p.name for p in inputs.iterdir()) == ["escape.png", "film-named.txt", "windows.png"]
+    assert sorted(p.name for p in inputs.iterdir()) == ["IM0001", "escape.png", "film-named.txt", "windows.png"]
     assert all(p.is_relative_to(tmp_path / "data" / "runs" / run["id"]) for p in written), written
     assert (inputs / "escape.png").read_bytes() == film
 

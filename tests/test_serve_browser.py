@@ -30,6 +30,9 @@ import cv2
 import httpx
 import numpy as np
 import pytest
+from dicom_files import make_dicom, save_dicom
+
+import kneepipe
 
 pytestmark = pytest.mark.slow
 
@@ -241,12 +244,54 @@ def test_a_reader_uploads_films_sees_the_grades_corrects_one_and_downloads(
     assert page.elsewhere == []  # nothing fetched from another host: it works offline
 
 
+def test_a_folder_graded_by_a_site_grader_with_a_known_prior(server, data_dir, page, radiographs_dir, tmp_path):
+    # A site grader is any grader file in the graders folder; here a copy of the shipped one.
+    graders = data_dir / "graders"
+    graders.mkdir(exist_ok=True)
+    shutil.copyfile(Path(kneepipe.__file__).parent / "weights" / "grader.npz", graders / "site.npz")
+    folder = tmp_path / "clinic"
+    for part in ("monday", "tuesday"):  # one name in two subfolders: both kept, under unique names
+        (folder / part).mkdir(parents=True)
+        shutil.copyfile(radiographs_dir / "bilateral_0.png", folder / part / "bilateral_0.png")
+    pixels = cv2.imread(str(radiographs_dir / "bilateral_0.png"), cv2.IMREAD_GRAYSCALE).astype(np.uint16) * 16
+    (folder / "wednesday").mkdir()
+    save_dicom(make_dicom(pixels, "MONOCHROME2", 12), folder / "wednesday" / "IM0001")  # a DICOM without suffix
+    server.wait_ready()
+    page.goto(server.url + "/")
+    page.wait_for_selector("#grader option[value='site.npz']", state="attached")
+    page.select_option("#grader", "site.npz")
+    page.fill("#prior", "1,1,1,1,1")
+    page.set_input_files("#folder", str(folder))
+    assert page.inner_text("#picked").startswith("3 file(s)")
+    page.click("#upload")
+    page.wait_for_selector("#run-status.done", timeout=RUN_S * 1000)
+    assert "grader site.npz" in page.inner_text("#run-facts")
+    assert "known prior 1,1,1,1,1" in page.inner_text("#run-facts")
+    run_id = page.inner_text("#run-title").removeprefix("Run ")
+    run = server.client.get(f"/api/runs/{run_id}").json()
+    assert run["grader_version"].startswith("site.npz@")
+    films = {film["image"]: film for film in run["films"]}
+    assert sorted(films) == ["IM0001", "bilateral_0-2.png", "bilateral_0.png"]
+    assert [len(film["knees"]) for film in films.values()] == [2, 2, 2]
+    assert [film["status"] for film in films.values()] == ["ok"] * 3
+    # The known prior moves the probabilities away from the same knees graded with the training prior.
+    shipped = [r for r in server.client.get("/api/runs").json() if r["grader"] == "shipped" and r["status"] == "done"]
+    assert shipped, "the first browser test leaves a run graded with the shipped grader"
+    before = server.client.get(f"/api/runs/{shipped[-1]['id']}").json()
+    knee = next(f for f in before["films"] if f["image"] == "bilateral_0.png")["knees"][0]
+    with_prior = films["bilateral_0.png"]["knees"][0]
+    assert with_prior["box"] == knee["box"]
+    assert abs(sum(with_prior["probabilities"]) - 1) < 1e-3
+    assert max(abs(a - b) for a, b in zip(with_prior["probabilities"], knee["probabilities"], strict=True)) > 0.01
+
+
 def test_after_a_restart_the_runs_are_there_and_20_clients_upload_100_films(
     server, data_dir, browser, radiographs_dir, tmp_path_factory, output_dir
 ):
-    finished = [run for run in server.client.get("/api/runs").json() if run["status"] == "done"]
-    assert finished, "the browser test leaves a finished run"
-    before = server.client.get(f"/api/runs/{finished[0]['id']}/results.csv").text
+    runs = [server.client.get(f"/api/runs/{run['id']}").json() for run in server.client.get("/api/runs").json()]
+    corrected = [run for run in runs if run["status"] == "done" and run["corrections"]]
+    assert corrected, "the first browser test leaves a finished run with a correction"
+    before = server.client.get(f"/api/runs/{corrected[0]['id']}/results.csv").text
     server.stop()
 
     # A real restart, lighter for the load: no heat maps or report per run.
@@ -255,11 +300,11 @@ def test_after_a_restart_the_runs_are_there_and_20_clients_upload_100_films(
     )
     try:
         kept = {run["id"]: run for run in restarted.client.get("/api/runs").json()}
-        assert finished[0]["id"] in kept and kept[finished[0]["id"]]["status"] == "done"
-        assert restarted.client.get(f"/api/runs/{finished[0]['id']}/results.csv").text == before  # corrections too
+        assert {run["id"] for run in runs} <= set(kept) and kept[corrected[0]["id"]]["status"] == "done"
+        assert restarted.client.get(f"/api/runs/{corrected[0]['id']}/results.csv").text == before  # corrections too
         context = browser.new_context()
         page = context.new_page()
-        page.goto(f"{restarted.url}/#run={finished[0]['id']}")
+        page.goto(f"{restarted.url}/#run={corrected[0]['id']}")
         page.wait_for_selector(".film .knee")
         assert "Corrected: KL" in page.inner_text("#films")
         context.close()

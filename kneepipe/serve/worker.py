@@ -216,6 +216,10 @@ def build_views(images: dict[str, dict[str, Any]], folder: Path, grader=None) ->
         knees = []
         for knee in record["knees"]:
             view = {key: knee.get(key) for key in ("side", "box", "det_confidence", "crop", "status", "message")}
+            # A knee needs a reader's look when the pipeline says so, failed to grade it or noted something.
+            view["needs_review"] = (
+                bool(knee.get("needs_review")) or knee["status"] != STATUS_OK or bool(knee["message"])
+            )
             if knee["status"] == STATUS_OK:
                 view.update(kl_grade=knee["kl_grade"], probabilities=[round(p, 4) for p in knee["probabilities"]])
                 if grader is not None and knee.get("crop"):
