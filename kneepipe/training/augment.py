@@ -57,7 +57,10 @@ class AugmentationRecipe:
 
 def albumentations_pipeline(recipe: AugmentationRecipe, size: int = 224):
     """The recipe as an albumentations ``Compose`` for one ``size`` x ``size`` uint8 crop at a time (CPU)."""
-    import albumentations as A
+    try:
+        import albumentations as A
+    except ImportError as err:
+        raise ImportError('training on the CPU needs the training extra: pip install "kneepipe[train]"') from err
 
     transforms = [
         A.HorizontalFlip(p=recipe.hflip),
