@@ -15,7 +15,7 @@ import typer
 
 from kneepipe import __version__
 from kneepipe.audit import commands as audit_commands
-from kneepipe.cli_common import EXIT_CRASH, console
+from kneepipe.cli_common import EXIT_CONFIG, EXIT_CRASH, ConfigOption, OverridesArgument, console, fail, resolve_config
 from kneepipe.detect import commands as detect_commands
 from kneepipe.grade import commands as grade_commands
 from kneepipe.pipeline import commands as pipeline_commands
@@ -66,6 +66,37 @@ def main(
     ] = False,
 ) -> None:
     """Kellgren-Lawrence grading of knee osteoarthritis on plain radiographs."""
+
+
+STAGES = {
+    "detect": "kneepipe.detect.config:DetectConfig",
+    "grade": "kneepipe.grade.config:GradeConfig",
+    "pipeline": "kneepipe.pipeline.config:PipelineConfig",
+    "audit": "kneepipe.audit.config:AuditConfig",
+    "serve": "kneepipe.serve.config:ServeConfig",
+}
+
+
+@app.command("config")
+def show_config(
+    stage: Annotated[str, typer.Argument(help=f"The stage: {', '.join(STAGES)}.", show_default=False)],
+    config: ConfigOption = None,
+    overrides: OverridesArgument = None,
+) -> None:
+    """Print a stage's resolved config: its shipped defaults < --config FILE < key=value, every key commented.
+
+    Keys that differ from the shipped default name it. The output is valid YAML, usable as a
+    --config file.
+    """
+    import importlib
+
+    from kneepipe.config import describe_config
+
+    if stage not in STAGES:
+        fail(f"unknown stage {stage!r}; one of {', '.join(STAGES)}", EXIT_CONFIG)
+    module, name = STAGES[stage].split(":")
+    config_cls = getattr(importlib.import_module(module), name)
+    typer.echo(describe_config(resolve_config(config_cls, config, overrides)), nl=False)
 
 
 app.command("detect")(detect_commands.detect)

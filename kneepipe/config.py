@@ -196,6 +196,36 @@ def to_dict(config: Any) -> dict[str, Any]:
     return {k: plain(v) for k, v in dataclasses.asdict(config).items()}
 
 
+def describe_config(config: Any) -> str:
+    """The resolved config as YAML, each key with the comment of its shipped default (``kneepipe config``).
+
+    A key whose value differs from the shipped default says so, and what the default is.
+
+    >>> from kneepipe.detect.config import DetectConfig
+    >>> lines = describe_config(load_config(DetectConfig, overrides={"max_det": 1})).splitlines()
+    >>> print(next(line for line in lines if line.startswith("max_det")))
+    max_det: 1  # (int) most joints kept per radiograph (a film shows at most two knees) [default: 2]
+    """
+
+    def flow(value: Any) -> str:
+        return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+
+    defaults_file = defaults_path(type(config))
+    comments = {}
+    for line in defaults_file.read_text().splitlines():
+        key, colon, rest = line.partition(":")
+        if colon and not line.startswith((" ", "#")) and "#" in rest:
+            comments[key.strip()] = rest.split("#", 1)[1].strip()
+    defaults = _read_yaml(defaults_file)
+    lines = []
+    for key, value in to_dict(config).items():
+        note = comments.get(key, "")
+        if key in defaults and flow(defaults[key]) != flow(value):
+            note = f"{note} [default: {flow(defaults[key])}]"
+        lines.append(f"{key}: {flow(value)}  # {note}" if note else f"{key}: {flow(value)}")
+    return "\n".join(lines) + "\n"
+
+
 def save_config(config: Any, folder: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
     """Write the resolved config (plus run facts such as inputs) as ``folder/args.yaml``."""
     folder = Path(folder)
