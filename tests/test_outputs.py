@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import cv2
@@ -121,3 +122,39 @@ def test_heat_maps_are_computed_for_the_knees_the_report_shows(tmp_path):
     assert maps["crops/4_L.png"] == "no heat map (MemoryError)"
     assert report_heat_maps(images, tmp_path, Explains(), max_radiographs=1, max_maps=10).keys() == {"crops/1_R.png"}
     assert len(report_heat_maps(images, tmp_path, Explains(), max_radiographs=10, max_maps=2)) == 2
+
+
+def test_a_crop_the_grader_fails_on_costs_only_its_own_grade(caplog):
+    import threading
+
+    from kneepipe.grade.predict import Grader
+
+    grader = Grader.__new__(Grader)  # the grading logic without a network
+    grader._lock = threading.Lock()
+    running, overlapped = [], []
+
+    def predict_logits(crops, batch_size=32):
+        running.append(1)
+        overlapped.append(len(running) > 1)  # two threads in the network at once
+        time.sleep(0.01)
+        try:
+            if any(crop.max() == 255 for crop in crops):
+                raise ValueError("bad crop")
+            return np.stack([np.full(5, crop.mean(), np.float32) for crop in crops])
+        finally:
+            running.pop()
+
+    grader.predict_logits = predict_logits
+    crops = [np.full((8, 8), v, np.uint8) for v in (10, 255, 30)]
+    with caplog.at_level(logging.WARNING, logger="kneepipe"):
+        graded = grader.grade_each(crops, batch_size=8)
+    assert graded[0][0] == 10 and graded[2][0] == 30
+    assert graded[1] == "grading failed (ValueError: bad crop)"
+    assert "grading 3 crops failed (ValueError: bad crop)" in caplog.text
+    threads = [threading.Thread(target=grader.grade_each, args=(crops,)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(overlapped) == 4 * 4 + 4 and not any(overlapped)
+    assert grader.grade_each([]) == []

@@ -7,6 +7,8 @@ array([[0.61, 0.27, 0.1 , 0.02, 0.  ]])
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from kneepipe.runtime import import_keras
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 DEFAULT_GRADER = WEIGHTS_DIR / "grader.npz"
+log = logging.getLogger(__name__)
 
 
 class Grader:
@@ -30,6 +33,7 @@ class Grader:
         self.precision = precision
         self.version = f"{path.name}@{file_digest(path)}"
         self._feature_model = None
+        self._lock = threading.Lock()  # one network, shared by the pipeline's grading threads
 
     @classmethod
     def load(cls, path: str | Path | None = None, precision: str = "float32") -> Grader:
@@ -55,6 +59,29 @@ class Grader:
             x = self.prepare(crops[start : start + batch_size])
             outputs.append(np.asarray(self.model.predict_on_batch(x), dtype=np.float32))
         return np.concatenate(outputs)
+
+    def grade_each(self, crops: Sequence[np.ndarray], batch_size: int = 32) -> list[np.ndarray | str]:
+        """Raw outputs per crop, or for a crop the grader fails on, the reason; safe to call from threads.
+
+        The crops are graded together; if that fails, one at a time, so only a crop that
+        fails by itself loses its grade. Calls are serialised on this grader, so threads
+        sharing it never run its network at once.
+        """
+        if len(crops) == 0:
+            return []
+        with self._lock:
+            try:
+                return list(self.predict_logits(list(crops), batch_size=batch_size))
+            except Exception as err:  # isolate the crop that failed below
+                reason = f"{type(err).__name__}: {err}"
+                log.warning("grading %d crops failed (%s); grading them one by one", len(crops), reason)
+            graded: list[np.ndarray | str] = []
+            for crop in crops:
+                try:
+                    graded.append(self.predict_logits([crop], batch_size=1)[0])
+                except Exception as err:
+                    graded.append(f"grading failed ({type(err).__name__}: {err})")
+            return graded
 
     def probabilities(self, logits: np.ndarray, calibrated: bool = True) -> np.ndarray:
         """Grade probabilities from network outputs, with the stored calibration unless ``calibrated=False``."""

@@ -261,23 +261,6 @@ def _is_inside(path: Path, folder: Path) -> bool:
         return False
 
 
-def _grade(grader, crops: Sequence[np.ndarray], batch_size: int) -> list[np.ndarray | str]:
-    """Logits per crop; a crop the grader fails on gets the reason instead."""
-    if not crops:
-        return []
-    try:
-        return list(grader.predict_logits(list(crops), batch_size=batch_size))
-    except Exception:  # isolate the crop that failed below
-        pass
-    graded: list[np.ndarray | str] = []
-    for crop in crops:
-        try:
-            graded.append(grader.predict_logits([crop], batch_size=1)[0])
-        except Exception as err:
-            graded.append(f"grading failed ({type(err).__name__}: {err})")
-    return graded
-
-
 def _joint_notes(joints: Sequence[Joint]) -> str:
     """A warning for films where the count or the sides of the joints are unusual."""
     sides = Counter(joint.side for joint in joints)
@@ -314,8 +297,8 @@ def _grade_step(
     keys: dict[str, str],
     out_dir: Path,
     pipeline_cfg: PipelineConfig,
-    grade_cfg,
-    grader,
+    grade_cfg: GradeConfig,
+    grader: Grader,
     notes: dict[str, str] | None = None,
 ) -> list[ImageRecord]:
     """Grade and save one detected step of radiographs; returns their journal records.
@@ -325,7 +308,7 @@ def _grade_step(
     and a rerun does not meet the same failure again.
     """
     joints = [joint for detection in detections.values() for joint in detection.joints]  # in step order
-    graded = _grade(grader, [joint.crop for joint in joints], grade_cfg.batch)
+    graded = grader.grade_each([joint.crop for joint in joints], grade_cfg.batch)
     logits_by_joint = {id(joint): logits for joint, logits in zip(joints, graded, strict=True)}
 
     records = []
