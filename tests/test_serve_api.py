@@ -217,6 +217,12 @@ def test_names_in_addresses_cannot_reach_other_files(tmp_path, film):
     client = _client(tmp_path)
     run_id = client.post("/api/runs", files=[("files", ("k.png", film))]).json()["id"]
     (tmp_path / "data" / "secret.txt").write_text("outside the run")
+    out = tmp_path / "data" / "runs" / run_id / "out"
+    (out / "crops").mkdir(parents=True)
+    (out / "crops" / "k_R.png").write_bytes(film)
+    (out / "journal.jsonl").write_text('{"image": "k.png", "path": "/srv/knees/outside the run"}\n')
+    (out / "args.yaml").write_text("input: /srv/knees/outside the run\n")
+    assert client.get(f"/api/runs/{run_id}/files/out/crops/k_R.png").content == film
     for path in (
         "/api/runs/..%2F..%2Fsecret.txt",
         "/api/runs/not-a-run",
@@ -226,6 +232,9 @@ def test_names_in_addresses_cannot_reach_other_files(tmp_path, film):
         f"/api/runs/{run_id}/files/out/%2E%2E/run.json",
         f"/api/runs/{run_id}/files/views/../run.json",
         f"/api/runs/{run_id}/files/%2Fetc%2Fpasswd",
+        f"/api/runs/{run_id}/files/out/journal.jsonl",  # names server paths
+        f"/api/runs/{run_id}/files/out/args.yaml",
+        f"/api/runs/{run_id}/files/out/crops/../../inputs/k.png",
     ):
         response = client.get(path)
         assert response.status_code == 404, (path, response.text)
@@ -343,3 +352,31 @@ def test_the_serve_command_is_listed_and_loads_no_framework():
         "heavy = {'tensorflow', 'torch', 'fastapi', 'uvicorn'} & set(sys.modules); assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_the_start_up_message_says_whether_a_token_is_needed(tmp_path, monkeypatch):
+    import kneepipe.serve.server as server_module
+
+    started = []
+    monkeypatch.setattr(server_module, "serve_forever", started.append)  # the command would block here
+    monkeypatch.setenv("KNEEPIPE_TOKEN", "from-the-environment")
+    result = CliRunner().invoke(
+        cli_app, ["serve", "--host", "0.0.0.0", "--port", "8123", "--data", str(tmp_path / "d"), "max_file_mb=5"]
+    )
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "an access token is required on every request: open http://0.0.0.0:8123/?token=<your token>" in output
+    assert "from-the-environment" not in output  # the token itself is never printed
+    (server,) = started
+    assert server.token == "from-the-environment" and server.config.max_file_mb == 5.0
+    assert server.store.data_dir == (tmp_path / "d").resolve()
+
+    monkeypatch.delenv("KNEEPIPE_TOKEN")
+    result = CliRunner().invoke(cli_app, ["serve", "--data", str(tmp_path / "d"), "detect.conf=0.4"])
+    assert result.exit_code == 0, result.output
+    assert "listening on this machine only, no token needed: open http://127.0.0.1:8000/" in " ".join(
+        result.output.split()
+    )
+    assert started[-1].token is None
+    bad = CliRunner().invoke(cli_app, ["serve", "--data", str(tmp_path / "d"), "grade.presicion=bfloat16"])
+    assert bad.exit_code == EXIT_CONFIG and "did you mean 'grade.precision'" in " ".join(bad.output.split())

@@ -199,6 +199,10 @@ def test_a_reader_uploads_films_sees_the_grades_corrects_one_and_downloads(
     knee.query_selector("button[type=submit]").click()
     page.wait_for_selector(".film[data-image='bilateral_0.png'] .knee[data-knee='1'] .saved:text('saved')")
     assert f"Corrected: KL {corrected}" in page.inner_text(".film[data-image='bilateral_0.png'] .knee[data-knee='1']")
+    lateral = page.query_selector(".film[data-image='arthritis_3.jpg'] form.correction")
+    lateral.query_selector("textarea[name=note]").fill("lateral view: ask for an AP film")
+    lateral.query_selector("button[type=submit]").click()
+    page.wait_for_selector(".film[data-image='arthritis_3.jpg'] .saved:text('saved')")
     with page.expect_download() as download:
         page.click("#download-results")
     exported = _results(Path(download.value.path()).read_text())
@@ -207,6 +211,9 @@ def test_a_reader_uploads_films_sees_the_grades_corrects_one_and_downloads(
     assert [row["corrected_kl_grade"] for row in rows] == ["", str(corrected)]
     assert rows[1]["correction_note"] == "'=osteophytes checked on the lateral view"  # a formula is shown as text
     assert {row["image"] for row in exported} == set(FILMS)
+    assert [row["correction_note"] for row in exported if row["image"] == "arthritis_3.jpg"] == [
+        "lateral view: ask for an AP film"
+    ]
     on_disk = (server.client.get(f"/api/runs/{run_id}/files/out/results.csv")).status_code
     assert on_disk == 200
     pipeline_csv = _results(server.client.get(f"/api/runs/{run_id}/files/out/results.csv").text)
@@ -244,7 +251,9 @@ def test_a_reader_uploads_films_sees_the_grades_corrects_one_and_downloads(
     assert page.elsewhere == []  # nothing fetched from another host: it works offline
 
 
-def test_a_folder_graded_by_a_site_grader_with_a_known_prior(server, data_dir, page, radiographs_dir, tmp_path):
+def test_a_folder_graded_by_a_site_grader_with_a_known_prior(
+    server, data_dir, page, radiographs_dir, tmp_path, output_dir
+):
     # A site grader is any grader file in the graders folder; here a copy of the shipped one.
     graders = data_dir / "graders"
     graders.mkdir(exist_ok=True)
@@ -264,6 +273,13 @@ def test_a_folder_graded_by_a_site_grader_with_a_known_prior(server, data_dir, p
     page.set_input_files("#folder", str(folder))
     assert page.inner_text("#picked").startswith("3 file(s)")
     page.click("#upload")
+    # Each film shows its state while the run waits or is graded (the site grader loads first).
+    page.wait_for_selector("#films .film[data-image]")
+    states = page.eval_on_selector_all("#films .film", "films => films.map(f => f.dataset.status)")
+    assert len(states) == 3 and set(states) <= {"queued", "grading", "graded, finishing the run", "ok"}, states
+    if "ok" not in states:  # results and report are offered once the run has finished
+        assert not page.is_visible("#download-results") and not page.is_visible("#download-report")
+    page.screenshot(path=str(output_dir / "serve-progress.png"), full_page=False)
     page.wait_for_selector("#run-status.done", timeout=RUN_S * 1000)
     assert "grader site.npz" in page.inner_text("#run-facts")
     assert "known prior 1,1,1,1,1" in page.inner_text("#run-facts")
@@ -310,7 +326,7 @@ def test_after_a_restart_the_runs_are_there_and_20_clients_upload_100_films(
         context.close()
 
         restarted.wait_ready()
-        figures = _load(restarted, radiographs_dir, clients=20, films=100)
+        figures = _load(restarted, data_dir, radiographs_dir, clients=20, films=100)
     finally:
         restarted.stop()
     (output_dir / "serve-load.json").write_text(json.dumps(figures, indent=2))
@@ -321,7 +337,7 @@ def test_after_a_restart_the_runs_are_there_and_20_clients_upload_100_films(
     assert figures["status_ms"]["p95"] < 2000, figures  # the page stays responsive while the queue is worked off
 
 
-def _load(server: ServeProcess, radiographs_dir: Path, clients: int, films: int) -> dict:
+def _load(server: ServeProcess, data: Path, radiographs_dir: Path, clients: int, films: int) -> dict:
     """``clients`` threads upload ``films`` real films in all, one request per film; poll until all are graded."""
     import psutil
 
@@ -391,7 +407,7 @@ def _load(server: ServeProcess, radiographs_dir: Path, clients: int, films: int)
         run = server.client.get(f"/api/runs/{run_id}").json()
         assert run["status"] == "done", run["message"]
         graded[run_id] = run["films"]
-    journal_counts = [_journal_lines(server, run_id) for run_id in run_ids]
+    journal_counts = [_journal_lines(data, run_id) for run_id in run_ids]
     # RSS once the first tenth of the runs is done (models warm) against the end.
     warm = [mb for count, mb in rss if count >= len(run_ids) // 10]
     return {
@@ -413,11 +429,10 @@ def _load(server: ServeProcess, radiographs_dir: Path, clients: int, films: int)
     }
 
 
-def _journal_lines(server: ServeProcess, run_id: str) -> int:
+def _journal_lines(data: Path, run_id: str) -> int:
     """How many times the run's film was graded: its lines in the pipeline's journal."""
-    response = server.client.get(f"/api/runs/{run_id}/files/out/journal.jsonl")
-    assert response.status_code == 200
-    return sum(1 for line in response.text.splitlines() if line.strip())
+    journal = data / "runs" / run_id / "out" / "journal.jsonl"
+    return sum(1 for line in journal.read_text().splitlines() if line.strip())
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:

@@ -37,7 +37,8 @@ from kneepipe.files import neutralise_cell, write_atomic
 RUN_ID = re.compile(r"^\d{8}-\d{6}-\d{6}-[0-9a-f]{4}$")  # its date and time first: ids sort by age
 MAX_NAME_LENGTH = 120  # characters of a stored upload name (the pipeline derives longer output names from it)
 _UNSAFE = re.compile(r"[^\w .()+,=@-]")
-STATES = ("queued", "running", "done", "failed")
+SHOWN_FOLDERS = {("out", "crops"), ("out", "thumbnails"), ("views", "gradcam")}
+SHOWN_FILES = {"out/results.csv"}
 CORRECTION_COLUMNS = ["corrected_kl_grade", "corrected_side", "correction_note", "corrected_at"]
 
 
@@ -183,13 +184,17 @@ class RunStore:
     # --- files the page shows -------------------------------------------------------------
 
     def file(self, run_id: str, relative: str) -> Path:
-        """A file of the run's ``out/`` or ``views/`` folder; ``FileNotFoundError`` for anything else."""
+        """A picture the page shows (a crop, a thumbnail, a heat map) or the pipeline's ``results.csv``.
+
+        Anything else, the uploads and the files that name server paths (journal, args,
+        summary) included, raises ``FileNotFoundError``.
+        """
         folder = self.folder(run_id)
         parts = Path(relative).parts
-        if not parts or parts[0] not in ("out", "views") or ".." in parts or Path(relative).is_absolute():
+        if ".." in parts or Path(relative).is_absolute() or not (relative in SHOWN_FILES or parts[:2] in SHOWN_FOLDERS):
             raise FileNotFoundError(relative)
         path = (folder / relative).resolve()
-        if not path.is_relative_to(folder.resolve() / parts[0]) or not path.is_file():
+        if not path.is_relative_to(folder.resolve() / parts[0] / parts[1]) or not path.is_file():
             raise FileNotFoundError(relative)
         return path
 

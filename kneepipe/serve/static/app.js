@@ -285,6 +285,12 @@ function renderFilm(run, film, corrections) {
     needsReview ? el("span", { class: "badge review", text: "needs review" }) : null);
   const article = el("article", { class: "film", "data-image": film.image, "data-status": film.status }, head);
   if (film.message) article.append(el("p", { class: "message warning", text: film.message }));
+  if (!film.knees.length && run.status === "done") {
+    // No knee to correct: a note on the film (a retake, a mislabelled view) is kept all the same.
+    const correction = corrections.get(`0\u0000${film.image}`);
+    if (correction && correction.note) article.append(el("p", { class: "corrected", text: `Note: ${correction.note}` }));
+    article.append(correctionForm(run, film, null, 0, correction));
+  }
   if (!film.knees.length && !film.thumbnail) return article;
   const body = el("div", { class: "film-body" });
   if (film.thumbnail) body.append(renderRadiograph(run, film, corrections));
@@ -360,6 +366,7 @@ function renderKnee(run, film, knee, index, corrections) {
 }
 
 function correctionForm(run, film, knee, index, correction) {
+  const noteOnly = knee === null;
   const grade = el("select", { name: "kl_grade", "aria-label": "corrected grade" },
     el("option", { value: "", text: "keep the prediction" }),
     GRADES.map((g) => el("option", { value: String(g), text: `KL ${g}` })));
@@ -373,9 +380,10 @@ function correctionForm(run, film, knee, index, correction) {
     note.value = correction.note || "";
   }
   const saved = el("span", { class: "saved", role: "status" });
-  const form = el("form", { class: "correction" },
-    el("label", {}, "Grade", grade), el("label", {}, "Side", side), el("label", {}, "Note", note),
-    el("button", { type: "submit", text: "Save correction" }), saved);
+  const form = el("form", { class: "correction", "data-knee": index },
+    noteOnly ? null : el("label", {}, "Grade", grade), noteOnly ? null : el("label", {}, "Side", side),
+    el("label", {}, noteOnly ? "Note on this film" : "Note", note),
+    el("button", { type: "submit", text: noteOnly ? "Save note" : "Save correction" }), saved);
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     showError("");
@@ -395,7 +403,7 @@ function correctionForm(run, film, knee, index, correction) {
       const fresh = await api(`/api/runs/${run.id}`);
       state.run = fresh;
       renderRun(fresh);
-      const again = document.querySelector(`.film[data-image="${CSS.escape(film.image)}"] .knee[data-knee="${index}"] .saved`);
+      const again = document.querySelector(`.film[data-image="${CSS.escape(film.image)}"] form[data-knee="${index}"] .saved`);
       if (again) again.textContent = "saved beside the prediction";
     } catch (err) {
       saved.textContent = "";
