@@ -21,14 +21,23 @@ from sklearn.metrics import cohen_kappa_score, confusion_matrix
 from kneepipe import KL_GRADES
 
 
-def expected_calibration_error(probabilities: np.ndarray, true_grades: np.ndarray, bins: int = 15) -> float:
-    """Expected calibration error of the top-class confidence, in equal-width bins.
+def expected_calibration_error(
+    probabilities: np.ndarray, true_grades: np.ndarray, bins: int = 15, predicted: np.ndarray | None = None
+) -> float:
+    """Expected calibration error of the grade given, in equal-width bins of its probability.
 
-    ECE = sum over bins of (bin size / n) * |accuracy in bin - mean confidence in bin|.
+    ECE = sum over bins of (bin size / n) * |accuracy in bin - mean confidence in bin|, where
+    a knee's confidence is the probability of the grade it was given: ``predicted`` (the
+    grader's decision rule, e.g. the median), the arg-max when not given.
+
+    >>> p = np.array([[0.45, 0.1, 0.45, 0.0, 0.0]])
+    >>> expected_calibration_error(p, np.array([1]), predicted=np.array([1]))  # median rule: KL1 at 0.1
+    0.9
     """
     probabilities = np.asarray(probabilities, dtype=np.float64)
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == np.asarray(true_grades)
+    predicted = probabilities.argmax(axis=1) if predicted is None else np.asarray(predicted, dtype=int)
+    confidence = probabilities[np.arange(len(predicted)), predicted]
+    correct = predicted == np.asarray(true_grades)
     edges = np.linspace(0.0, 1.0, bins + 1)
     # Bin i holds confidences in (edges[i], edges[i+1]]; a confidence of 0 joins bin 0.
     index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
@@ -73,7 +82,7 @@ def grading_metrics(
         "accuracy": rounded((predicted == true_grades).mean()) if n else None,
         "qwk": rounded(qwk),
         "mae": rounded(np.abs(predicted - true_grades).mean()) if n else None,
-        "ece": rounded(expected_calibration_error(probabilities, true_grades, ece_bins)) if n else None,
+        "ece": rounded(expected_calibration_error(probabilities, true_grades, ece_bins, predicted)) if n else None,
         "recall": [rounded(r) for r in recall],
         "precision": [rounded(p) for p in precision],
         "confusion_matrix": matrix.tolist(),

@@ -37,3 +37,12 @@ def test_metrics_match_a_hand_computed_example():
 def test_ece_is_zero_when_confidence_equals_accuracy():
     probabilities = np.tile([0.5, 0.5, 0, 0, 0], (4, 1))
     assert expected_calibration_error(probabilities, np.array([0, 0, 1, 1])) == pytest.approx(0.0)
+
+
+def test_ece_scores_the_grade_the_decision_rule_gave():
+    # Torn between KL0 and KL2: the median rule grades KL1, whose probability is 0.1.
+    probabilities = np.array([[0.45, 0.1, 0.45, 0.0, 0.0]] * 10)
+    median = np.ones(10, dtype=int)
+    true = np.ones(10, dtype=int)  # KL1 every time: the grades are all right at a confidence of 0.1
+    assert grading_metrics(true, probabilities, median)["ece"] == pytest.approx(0.9)
+    assert expected_calibration_error(probabilities, true) == pytest.approx(0.45)  # arg-max: KL0, wrong, at 0.45
