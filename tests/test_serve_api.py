@@ -380,3 +380,30 @@ def test_the_start_up_message_says_whether_a_token_is_needed(tmp_path, monkeypat
     assert started[-1].token is None
     bad = CliRunner().invoke(cli_app, ["serve", "--data", str(tmp_path / "d"), "grade.presicion=bfloat16"])
     assert bad.exit_code == EXIT_CONFIG and "did you mean 'grade.precision'" in " ".join(bad.output.split())
+
+
+def test_server_errors_are_told_in_words_without_a_traceback(tmp_path, film, monkeypatch):
+    config = _config(tmp_path)
+    store = RunStore(config.data)
+    worker = Worker(store, process=lambda worker, run_id: None, load=None)
+    client = TestClient(create_app(config, store, worker), base_url=LOCAL, raise_server_exceptions=False)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(RunStore, "save_upload", disk_full)
+    response = client.post("/api/runs", files=[("files", ("k.png", film))])
+    assert response.status_code == 507
+    assert response.json() == {"detail": "the upload could not be stored: No space left on device"}
+    assert store.runs() == [] and list(store.runs_dir.iterdir()) == []  # no half-made run kept
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(RunStore, "runs", broken)
+    crashed = client.get("/api/runs")
+    assert crashed.status_code == 500
+    assert crashed.json() == {
+        "detail": "kneepipe could not answer this request (RuntimeError); the server log says why"
+    }
+    assert "Traceback" not in crashed.text

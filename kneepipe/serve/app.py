@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import shutil
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qs
@@ -148,21 +149,14 @@ def create_app(config: ServeConfig, store: RunStore, worker: Worker, token: str 
         if len(files) > config.max_files:
             raise HTTPException(413, f"{len(files)} files in one upload; at most {config.max_files} are taken")
         run_id = store.create(grader or "shipped", prior, str(grader_file) if grader_file else None)
-        accepted, refused = [], []
-        for upload in files:
-            original = upload.filename or "upload"
-            reason = _refusal(upload, config.max_file_bytes)
-            if reason is None:
-                try:
-                    name, size = store.save_upload(run_id, original, upload.file, config.max_file_bytes)
-                    accepted.append({"name": name, "original": original, "bytes": size})
-                    continue
-                except ValueError as err:
-                    reason = str(err)
-            refused.append({"original": original, "reason": reason})
+        try:
+            accepted, refused = _store_uploads(store, run_id, files, config.max_file_bytes)
+        except BaseException as err:  # a disk that fills up, a client that goes away: no half-made run is kept
+            shutil.rmtree(store.folder(run_id), ignore_errors=True)
+            if isinstance(err, OSError):
+                raise HTTPException(507, f"the upload could not be stored: {err.strerror or err}") from None
+            raise
         if not accepted:
-            import shutil
-
             shutil.rmtree(store.folder(run_id))
             reasons = "; ".join(f"{r['original']}: {r['reason']}" for r in refused)
             raise HTTPException(400, f"no radiograph in this upload ({reasons})")
@@ -245,6 +239,25 @@ def create_app(config: ServeConfig, store: RunStore, worker: Worker, token: str 
             raise HTTPException(404, f"no file {relative!r} in run {run_id}") from None
 
     return app
+
+
+def _store_uploads(
+    store: RunStore, run_id: str, files: list[UploadFile], max_bytes: int
+) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Keep the uploads that are radiographs within the size limit; the others are refused with the reason."""
+    accepted, refused = [], []
+    for upload in files:
+        original = upload.filename or "upload"
+        reason = _refusal(upload, max_bytes)
+        if reason is None:
+            try:
+                name, size = store.save_upload(run_id, original, upload.file, max_bytes)
+                accepted.append({"name": name, "original": original, "bytes": size})
+                continue
+            except ValueError as err:
+                reason = str(err)
+        refused.append({"original": original, "reason": reason})
+    return accepted, refused
 
 
 def _refusal(upload: UploadFile, max_bytes: int) -> str | None:
