@@ -79,14 +79,13 @@ class Models:
         return self._site[key]
 
 
-Process = Callable[[str], None]
-
-
 class Worker:
     """One thread that loads the models and processes queued runs in order.
 
-    ``state`` is ``starting``, ``loading models``, ``ready`` or ``failed``; ``message``
-    says why it failed. ``current`` is the id of the run being processed.
+    ``process(worker, run_id)`` does a run's work (:func:`pipeline_process` in the server);
+    ``load`` loads the models first (None: nothing to load). ``state`` is ``starting``,
+    ``loading models``, ``ready`` or ``failed``; ``message`` says why it failed;
+    ``current`` is the id of the run being processed.
     """
 
     def __init__(self, store: RunStore, process: Callable[[Worker, str], None], load: Callable[[], None] | None):
