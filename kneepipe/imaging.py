@@ -155,7 +155,7 @@ def read_radiograph(path: str | os.PathLike, max_side: int = 4096, max_pixels: i
             becomes an ``ImageReadError`` too.
 
     >>> radiograph = read_radiograph("knee.dcm")  # doctest: +SKIP
-    >>> radiograph.pixels.dtype, radiograph.laterality
+    >>> radiograph.pixels.dtype, radiograph.laterality  # doctest: +SKIP
     (dtype('uint8'), 'R')
     """
     if max_side < MIN_SIDE:
@@ -194,7 +194,7 @@ def _read(path: Path, max_side: int, max_pixels: int) -> Radiograph:
 
 
 def sniff_format(head: bytes) -> str | None:
-    """The image format a file's first bytes (at least 132) show, or None.
+    r"""The image format a file's first bytes (at least 132) show, or None.
 
     ``PNG``, ``JPEG``, ``TIFF`` and ``DICOM`` (with the ``DICM`` marker, or without the
     preamble: a first tag of group 0002 or 0008) are read; ``BMP``, ``GIF``, ``JPEG 2000``
@@ -272,7 +272,7 @@ def list_inputs(root: str | os.PathLike, exclude: tuple[str | os.PathLike, ...] 
         FileNotFoundError: ``root`` does not exist.
 
     >>> listing = list_inputs("radiographs/")  # doctest: +SKIP
-    >>> listing.files, [(entry.path.name, entry.reason) for entry in listing.skipped]
+    >>> listing.files, [(entry.path.name, entry.reason) for entry in listing.skipped]  # doctest: +SKIP
     ([PosixPath('radiographs/a.png')], [('notes.txt', 'not an image (a .txt file; ...)')])
     """
     root = Path(root)

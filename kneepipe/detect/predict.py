@@ -193,7 +193,7 @@ class JointDetector:
             FileNotFoundError: the weights file does not exist.
 
         >>> detector = JointDetector.load()  # doctest: +SKIP
-        >>> detector.version
+        >>> detector.version  # doctest: +SKIP
         'detector.pt@...'
         """
         if config is None:
@@ -223,7 +223,7 @@ class JointDetector:
         the source file's pixels; crops are cut from the pixels as read.
 
         >>> detection = detector.detect([read_radiograph("knees.png")])[0]  # doctest: +SKIP
-        >>> [(joint.side, joint.crop.shape) for joint in detection.joints]
+        >>> [(joint.side, joint.crop.shape) for joint in detection.joints]  # doctest: +SKIP
         [('R', (224, 224)), ('L', (224, 224))]
         """
         detections: list[Detection | None] = [None] * len(radiographs)

@@ -173,7 +173,7 @@ def train_detector(config: DetectConfig, out_dir: Path, resume: bool = False) ->
         FileNotFoundError: ``resume`` without a ``last.pt`` in ``out_dir``.
 
     >>> from kneepipe.config import load_config
-    >>> cfg = load_config(DetectConfig, overrides=["train_epochs=1", "train_images=8"])
+    >>> cfg = load_config(DetectConfig, overrides=["train_crops=crops", "train_epochs=1", "close_mosaic=0"])
     >>> train_detector(cfg, Path("runs/detector"))  # doctest: +SKIP
     """
     from kneepipe.runtime import prepare_frameworks
