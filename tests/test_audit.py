@@ -253,3 +253,24 @@ def test_patient_id_follows_the_oai_naming():
     assert patient_id("val/3/9001695R.png", pattern) == "9001695"
     assert patient_id("scan_001_renamed.png", pattern) is None
     assert patient_id("9001695R.png", None) is None
+
+
+def test_a_file_that_cannot_be_read_again_to_verify_is_listed_not_passed(folders, config, monkeypatch):
+    from kneepipe.audit import leakage
+
+    root, copies, _ = folders
+    copy = next(path for path, (_, name) in copies.items() if name == "resize299")  # verified, not an exact copy
+    seen: set = set()
+    real_read = leakage._read_pixels
+
+    def changed_after_fingerprinting(path, max_side):
+        if path == copy and path in seen:
+            raise OSError("the file changed on disk")
+        seen.add(path)
+        return real_read(path, max_side)
+
+    monkeypatch.setattr(leakage, "_read_pixels", changed_after_fingerprinting)
+    report = audit_leakage(root / "A", copy.parent, config)
+    assert [(path, "could not be read again" in reason) for path, reason in report.unreadable] == [(copy, True)]
+    assert copy not in {pair.file_b for pair in report.pairs}
+

@@ -173,8 +173,13 @@ def _fingerprint_file(task: tuple[Path, int]) -> tuple[str, np.ndarray] | str:
     return fp.digest, fp.spectrum
 
 
-def _verify_query(task: tuple[Path, tuple[Path, ...], int]) -> list[tuple[float, bool]]:
-    """Copy evidence of one B image against its candidate A images: (correlation, mirrored) each."""
+def _verify_query(task: tuple[Path, tuple[Path, ...], int]) -> list[tuple[float, bool, Path | None, str]]:
+    """Copy evidence of one B image against its candidate A images: (correlation, mirrored) each.
+
+    A file that cannot be read again (it was read a moment ago, for its fingerprint, so it
+    changed since) is no evidence: its pair scores -1 and the file and reason come with it,
+    so the audit lists it as unreadable rather than passing the pair in silence.
+    """
     import cv2
 
     from kneepipe.audit.verify import compare, prepare
@@ -184,16 +189,37 @@ def _verify_query(task: tuple[Path, tuple[Path, ...], int]) -> list[tuple[float,
     path_b, paths_a, max_side = task
     try:
         prepared_b = prepare(_read_pixels(path_b, max_side))
-    except failures:  # it was read a moment ago (fingerprint); a file changed since is no evidence
-        return [(-1.0, False)] * len(paths_a)
-    results = []
+    except failures as err:
+        return [(-1.0, False, path_b, _reread_failure(err))] * len(paths_a)
+    results: list[tuple[float, bool, Path | None, str]] = []
     for path_a in paths_a:
         try:
             evidence = compare(prepare(_read_pixels(path_a, max_side), mirrored_too=False), prepared_b)
-            results.append((evidence.correlation, evidence.mirrored))
-        except failures:
-            results.append((-1.0, False))
+            results.append((evidence.correlation, evidence.mirrored, None, ""))
+        except failures as err:
+            results.append((-1.0, False, path_a, _reread_failure(err)))
     return results
+
+
+def _reread_failure(err: Exception) -> str:
+    reason = getattr(err, "reason", None) or f"{type(err).__name__}: {err}"
+    return f"could not be read again to verify a candidate copy ({reason})"
+
+
+def _to_verify(candidates, similarity, gate: float, flagged: set[tuple[int, int]], index_b: int) -> tuple[int, ...]:
+    """The candidate A images of one B image worth verifying, as indices into A.
+
+    The nearest candidate always; the others only when similar enough. A search that
+    finds fewer neighbours than asked pads with -1 (faiss does): those are no candidates.
+
+    >>> _to_verify([3, -1, -1], [0.9, 0.0, 0.0], gate=0.5, flagged=set(), index_b=0)
+    (3,)
+    """
+    return tuple(
+        int(a)
+        for rank, (a, s) in enumerate(zip(candidates, similarity, strict=True))
+        if int(a) >= 0 and (rank == 0 or s >= gate) and (int(a), index_b) not in flagged
+    )
 
 
 @contextmanager
@@ -418,19 +444,18 @@ def audit_leakage(
         )
         queries = []
         for index_b, (candidates, similarity) in enumerate(zip(neighbours, similarities, strict=True)):
-            # The nearest candidate is always verified; the others only when similar enough.
-            to_verify = tuple(
-                int(a)
-                for rank, (a, s) in enumerate(zip(candidates, similarity, strict=True))
-                if (rank == 0 or s >= gate) and (int(a), index_b) not in flagged
-            )
+            to_verify = _to_verify(candidates, similarity, gate, flagged, index_b)
             if to_verify:
                 queries.append((index_b, to_verify))
         tasks = [(files_b[b], tuple(files_a[a] for a in candidates), config.max_side) for b, candidates in queries]
         evidence = _run(_verify_query, tasks, pool, workers, "verifying candidates", progress)
         verified = 0
+        reread = {path for path, _ in unreadable}
         for (index_b, candidates), results in zip(queries, evidence, strict=True):
-            for index_a, (correlation, mirrored) in zip(candidates, results, strict=True):
+            for index_a, (correlation, mirrored, failed, reason) in zip(candidates, results, strict=True):
+                if failed is not None and failed not in reread:
+                    unreadable.append((failed, reason))
+                    reread.add(failed)
                 verified += 1
                 if correlation >= config.copy_correlation:
                     kind = MIRRORED_COPY if mirrored else NEAR_COPY
