@@ -179,6 +179,7 @@ def _read(path: Path, max_side: int, max_pixels: int) -> Radiograph:
     notes: list[str] = []
     if sniff_format(head) == "DICOM" or path.suffix.lower() in DICOM_SUFFIXES:
         gray, size, bit_depth, facts = _decode_dicom(path, head, max_side, max_pixels)
+        notes = list(facts.pop("notes", ()))
     else:
         gray, size, bit_depth, notes = _decode_raster(path, _read_bytes(path), max_side, max_pixels)
     width, height = size
@@ -796,17 +797,25 @@ def _decode_dicom(path: Path, head: bytes, max_side: int, max_pixels: int) -> tu
         if small.dtype != stored.dtype and stored.dtype.kind in "iu":
             small = np.rint(small).astype(stored.dtype)
         del stored
-        gray = _dicom_window(small, dataset)
-        if photometric == "MONOCHROME1":  # stored with bone dark
+        gray, window_note = _dicom_window(small, dataset)
+        notes = [window_note] if window_note else []
+        # Bone bright, as a viewer shows the film: MONOCHROME1 stores bone dark (a DX file says
+        # so again with Presentation LUT Shape INVERSE, the same inversion, not a second one),
+        # and a MONOCHROME2 file with an INVERSE presentation is displayed inverted too.
+        inverse = str(dataset.get("PresentationLUTShape", "")).strip().upper() == "INVERSE"
+        if photometric == "MONOCHROME1" or inverse:
             gray = 255 - gray
+            if photometric == "MONOCHROME2":
+                notes.append("inverted for its Presentation LUT Shape INVERSE")
     elif stored.ndim == 3 and stored.shape[2] == 3:  # RGB, or YBR that pydicom made RGB
+        notes = []
         gray = _shrink(cv2.cvtColor(stored, cv2.COLOR_RGB2GRAY), max_side)
         if gray.dtype != np.uint8:
             gray = _percentile_window(gray)
     else:
         raise ImageReadError(path, f"unsupported DICOM photometric interpretation {photometric}")
     bit_depth = _dicom_number(path, dataset, "BitsStored", None, whole=True) or stored_bits
-    return gray, (columns, rows), bit_depth, _dicom_facts(dataset)
+    return gray, (columns, rows), bit_depth, {**_dicom_facts(dataset), "notes": notes}
 
 
 def _check_pixel_data_length(path: Path, dataset: pydicom.Dataset, rows: int, columns: int) -> None:
@@ -834,8 +843,13 @@ def _check_pixel_data_length(path: Path, dataset: pydicom.Dataset, rows: int, co
         )
 
 
-def _dicom_window(stored: np.ndarray, dataset: pydicom.Dataset) -> np.ndarray:
-    """Modality LUT/rescale, then the file's VOI LUT or window, else a percentile window."""
+def _dicom_window(stored: np.ndarray, dataset: pydicom.Dataset) -> tuple[np.ndarray, str]:
+    """Modality LUT/rescale, then the file's VOI LUT or window, else a percentile window.
+
+    Returns the 8-bit pixels and, when the file's own window could not be used, a note
+    saying so (the percentile window still gives a sound image, but not the one the file
+    asks for).
+    """
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     values = apply_modality_lut(stored, dataset)
@@ -846,14 +860,20 @@ def _dicom_window(stored: np.ndarray, dataset: pydicom.Dataset) -> np.ndarray:
         try:
             windowed = apply_voi_lut(values, dataset)
             low, high = _voi_output_range(dataset)
-        except Exception:  # an unusable window (damaged values): the percentile window still gives a sound image
-            pass
+        except Exception as err:  # an unusable window (damaged values): said, then the percentile window
+            problem = f"{type(err).__name__}: {err}"
         else:
             if high > low:
-                return _scale_to_uint8(windowed, low, high)
+                return _scale_to_uint8(windowed, low, high), ""
+            problem = "it maps every value to one grey"
+        kind = "VOI LUT" if has_lut else "window"
+        if values.dtype == np.uint8:
+            return values, f"the file's DICOM {kind} could not be applied ({problem}); its values were shown as stored"
+        note = f"the file's DICOM {kind} could not be applied ({problem}); a percentile window was used"
+        return _percentile_window(values), note
     if values.dtype == np.uint8:  # 8-bit values without a window are display values already
-        return values
-    return _percentile_window(values)
+        return values, ""
+    return _percentile_window(values), ""
 
 
 def _voi_output_range(dataset: pydicom.Dataset) -> tuple[float, float]:

@@ -388,3 +388,28 @@ def test_find_images_walks_a_folder(tmp_path, crop, knee_gray):
     assert find_images(tmp_path / "notes.txt") == [tmp_path / "notes.txt"]
     with pytest.raises(FileNotFoundError, match="missing"):
         find_images(tmp_path / "missing")
+
+
+def test_presentation_lut_shape_inverse_is_shown_as_a_viewer_shows_it(tmp_path, knee_gray):
+    bone_dark = ((255 - knee_gray.astype(np.uint16)) * 16).astype(np.uint16)
+    bone = knee_gray >= np.percentile(knee_gray, 95)
+    background = knee_gray <= np.percentile(knee_gray, 5)
+    cases = {
+        "m2_inverse": make_dicom(bone_dark, "MONOCHROME2", 12, PresentationLUTShape="INVERSE"),
+        "m1_inverse": make_dicom(bone_dark, "MONOCHROME1", 12, PresentationLUTShape="INVERSE"),  # DX's pairing
+    }
+    for name, dataset in cases.items():
+        radiograph = read_radiograph(save_dicom(dataset, tmp_path / f"{name}.dcm"))
+        assert radiograph.pixels[bone].mean() > radiograph.pixels[background].mean() + 150, name
+        assert correlation(radiograph.pixels, knee_gray) > 0.99, name
+        assert any("INVERSE" in note for note in radiograph.notes) == (name == "m2_inverse")
+
+
+def test_a_dicom_window_that_cannot_be_applied_is_noted(tmp_path, knee_gray):
+    stored = knee_gray.astype(np.uint16) * 16
+    dataset = make_dicom(stored, "MONOCHROME2", 12, WindowCenter=2048, WindowWidth=0)
+    radiograph = read_radiograph(save_dicom(dataset, tmp_path / "zero_width.dcm"))
+    assert any("DICOM window could not be applied" in note for note in radiograph.notes), radiograph.notes
+    assert correlation(radiograph.pixels, knee_gray) > 0.99  # the percentile window still shows the knee
+    plain = read_radiograph(save_dicom(make_dicom(stored, "MONOCHROME2", 12), tmp_path / "plain.dcm"))
+    assert plain.notes == ()
