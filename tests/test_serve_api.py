@@ -260,6 +260,7 @@ def test_api_documentation_is_served_locally(tmp_path):
         html = client.get(page).text
         assert "/docs-assets/" in html and "https://" not in html and "http://" not in html, page
     assert client.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
+    assert "default-src 'self'" in client.get("/").headers["content-security-policy"]
     page = client.get("/").text + client.get("/static/app.js").text + client.get("/static/app.css").text
     assert "http://" not in page.replace("http://www.w3.org/2000/svg", "") and "https://" not in page
 

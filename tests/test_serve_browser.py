@@ -139,6 +139,9 @@ def page(browser, server):
             page.elsewhere.append(request.url) if not request.url.startswith((server.url, "data:", "blob:")) else None
         ),
     )
+    page.console_errors = []  # a script error or a refused load (the page's content security policy)
+    page.on("console", lambda message: page.console_errors.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: page.console_errors.append(str(error)))
     yield page
     context.close()
 
@@ -244,6 +247,8 @@ def test_a_reader_uploads_films_sees_the_grades_corrects_one_and_downloads(
     )
     page.screenshot(path=str(output_dir / "serve-refused.png"), full_page=False)
 
+    # The refused upload answers 400, which the browser logs; anything else is an error on the page.
+    assert [e for e in page.console_errors if "400 (Bad Request)" not in e] == []
     page.goto(server.url + "/docs")
     page.wait_for_selector(".opblock")
     assert "/api/runs/{run_id}/corrections" in page.inner_text("body")

@@ -35,6 +35,13 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 READABLE = ("PNG", "JPEG", "TIFF", "DICOM")
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 TOKEN_COOKIE = "kneepipe_token"
+# The browser itself refuses anything the page might load from another host, or a script not served here.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+    "script-src 'self'; connect-src 'self'; frame-ancestors 'none'; form-action 'self'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 
 
 class Correction(BaseModel):
@@ -79,7 +86,6 @@ def create_app(config: ServeConfig, store: RunStore, worker: Worker, token: str 
         ),
         static_url="/docs-assets",
     )
-    app.state.store, app.state.worker, app.state.graders = store, worker, graders
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(UploadLimit, max_bytes=config.max_upload_bytes)
     app.add_middleware(AccessGuard, token=token)
@@ -106,7 +112,7 @@ def create_app(config: ServeConfig, store: RunStore, worker: Worker, token: str 
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
-        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-store"})
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-store", **PAGE_HEADERS})
 
     @app.get("/api/status", summary="The server: version, model state, queue, limits and graders")
     async def status() -> dict[str, Any]:
