@@ -15,6 +15,9 @@ import numpy as np
 Side = Literal["R", "L"]
 SIDES: tuple[Side, Side] = ("R", "L")
 """The detector's class order: class 0 is the patient's right knee, class 1 the left."""
+CROP_FRAMING = "oai-kl224: square crop centred on the tibiofemoral joint space, 224 px, natural side"
+"""How a joint crop is framed: the detector cuts this square (kneepipe.detect.framing), the OAI-KL224 crops
+the grader learnt from were cut the same way, and a grader file records the framing it expects."""
 
 # Status values of a row in joints.csv / results.csv.
 STATUS_OK = "ok"

@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import cv2
 import numpy as np
@@ -28,6 +28,7 @@ from kneepipe.detect.framing import crop_joint, square_box
 from kneepipe.files import FORMULA_STARTS, MAX_KEY_LENGTH, file_version, write_atomic, write_csv_atomic
 from kneepipe.imaging import ImageReadError, Radiograph, list_inputs, read_radiograph
 from kneepipe.joints import (
+    CROP_FRAMING,
     SIDES,
     STATUS_ERROR,
     STATUS_NO_KNEE,
@@ -184,6 +185,7 @@ class JointDetector:
     config: DetectConfig
     weights: Path
     version: str
+    framing: ClassVar[str] = CROP_FRAMING  # how its crops are cut (kneepipe.detect.framing)
 
     @classmethod
     def load(cls, config: DetectConfig | None = None) -> JointDetector:

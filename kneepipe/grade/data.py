@@ -59,26 +59,45 @@ def split_files(split_csv: str | Path, part: str) -> tuple[list[Path], list[int]
 
 
 def load_crops(paths: Sequence[Path], grades: Sequence[int], size: int = 224) -> CropSet:
-    """Decode crops to ``(n, size, size)`` uint8 (resized with area interpolation when needed)."""
+    """Decode crops to ``(n, size, size)`` uint8 (resized by the ``area`` rule when needed)."""
     crops = np.empty((len(paths), size, size), dtype=np.uint8)
     for i, path in enumerate(paths):
         crops[i] = fit_crop(read_radiograph(path).pixels, size)
     return CropSet(tuple(Path(p) for p in paths), crops, np.asarray(grades, dtype=int))
 
 
-def fit_crop(pixels: np.ndarray, size: int) -> np.ndarray:
-    """A 2-D crop resized to ``size`` x ``size`` with area interpolation (the grader's rule)."""
+def fit_crop(pixels: np.ndarray, size: int, rule: str = "area") -> np.ndarray:
+    """A 2-D crop resized to ``size`` x ``size`` by a grader's ``resize_interpolation`` rule.
+
+    ``area`` is OpenCV's advice and what the OAI crops were fitted with: area averaging to
+    shrink, linear interpolation to enlarge (area averaging cannot enlarge). ``linear`` and
+    ``cubic`` use that interpolation both ways.
+
+    >>> fit_crop(np.zeros((300, 162), np.uint8), 224).shape
+    (224, 224)
+    """
     if pixels.shape == (size, size):
         return pixels
-    shrinking = pixels.shape[0] >= size and pixels.shape[1] >= size
-    return cv2.resize(pixels, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    if rule == "area":
+        shrinking = pixels.shape[0] >= size and pixels.shape[1] >= size
+        interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    elif rule in _INTERPOLATIONS:
+        interpolation = _INTERPOLATIONS[rule]
+    else:
+        raise ValueError(f"unknown resize rule {rule!r} (area, linear or cubic)")
+    return cv2.resize(pixels, (size, size), interpolation=interpolation)
 
 
-def resize_all(crops: np.ndarray, size: int) -> np.ndarray:
+_INTERPOLATIONS = {"linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}
+
+
+def resize_all(crops: np.ndarray, size: int, rule: str = "area") -> np.ndarray:
     """Resize a stack of 2-D crops to ``size`` with :func:`fit_crop`."""
     if crops.shape[1:] == (size, size):
         return crops
-    return np.stack([fit_crop(c, size) for c in crops]) if len(crops) else np.empty((0, size, size), np.uint8)
+    if not len(crops):
+        return np.empty((0, size, size), np.uint8)
+    return np.stack([fit_crop(c, size, rule) for c in crops])
 
 
 def network_input(crops: np.ndarray, channels: int = 3) -> np.ndarray:

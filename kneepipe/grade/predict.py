@@ -46,9 +46,9 @@ class Grader:
 
     def prepare(self, crops: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
         """Crops (2-D uint8, any size) -> the network's input, as the stored preprocessing says."""
-        size = self.preprocessing.input_size
-        stack = resize_all(np.stack([fit_crop(c, self.preprocessing.crop_size) for c in crops]), size)
-        return network_input(stack, self.preprocessing.channels)
+        pre = self.preprocessing
+        stack = np.stack([fit_crop(c, pre.crop_size, pre.resize_interpolation) for c in crops])
+        return network_input(resize_all(stack, pre.input_size, pre.resize_interpolation), pre.channels)
 
     def predict_logits(self, crops: Sequence[np.ndarray] | np.ndarray, batch_size: int = 32) -> np.ndarray:
         """Raw network outputs for a batch of crops."""

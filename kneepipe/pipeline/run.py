@@ -100,7 +100,26 @@ def load_models(
         from kneepipe.grade.predict import Grader
 
         loaded_grader = Grader.load(grade_cfg.model, precision=grade_cfg.precision)
+    if loaded_detector is not None and loaded_grader is not None:
+        check_models(loaded_detector, loaded_grader)
     return loaded_detector, loaded_grader
+
+
+def check_models(detector: Detector, grader: Grader) -> None:
+    """Refuse a detector and a grader that disagree on how a crop is framed.
+
+    The grader file records the framing it learnt from; the detector cuts its own. A
+    grader trained on crops cut another way would grade every knee off its training.
+
+    Raises:
+        ValueError: naming both framings.
+    """
+    framing = getattr(detector, "framing", None)
+    if framing is not None and grader.preprocessing.framing != framing:
+        raise ValueError(
+            f"{grader.version} expects crops framed as {grader.preprocessing.framing!r}, "
+            f"but the detector cuts {framing!r}"
+        )
 
 
 def run_pipeline(
@@ -148,6 +167,7 @@ def run_pipeline(
     if detector is None or grader is None:
         loaded_detector, loaded_grader = load_models(detect_cfg, grade_cfg, detector is None, grader is None)
         detector, grader = detector or loaded_detector, grader or loaded_grader
+    check_models(detector, grader)
 
     configs = {"pipeline": to_dict(pipeline_cfg), "detect": to_dict(detect_cfg), "grade": to_dict(grade_cfg)}
     parts = fingerprint_parts(

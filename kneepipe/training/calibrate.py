@@ -5,10 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import numpy as np
-
 from kneepipe.grade.config import GradeConfig
-from kneepipe.grade.model import decide_grades, probabilities_from_logits, save_grader
+from kneepipe.grade.model import decide_grades, log_probabilities, probabilities_from_logits, save_grader
 from kneepipe.metrics import grading_metrics
 
 
@@ -23,10 +21,10 @@ def calibrate_grader(path: str | Path, config: GradeConfig) -> float:
 
     _, val = load_crop_sets(config)
     grader = Grader.load(path)
-    probabilities = probabilities_from_logits(grader.predict_logits(val.crops, config.batch), grader.preprocessing.head)
-    log_probabilities = np.log(np.clip(probabilities, 1e-12, 1.0))
-    temperature, bias = fit_temperature_and_bias(log_probabilities, val.kl_grades)
-    calibrated = probabilities_from_logits(log_probabilities, "softmax", temperature, bias)
+    # Fitted on the log-probabilities that inference divides by the temperature.
+    log_p = log_probabilities(grader.predict_logits(val.crops, config.batch), grader.preprocessing.head)
+    temperature, bias = fit_temperature_and_bias(log_p, val.kl_grades)
+    calibrated = probabilities_from_logits(log_p, "softmax", temperature, bias)
     # The decision rule with the better val QWK, the criterion the epoch was selected on.
     qwk = {
         rule: grading_metrics(val.kl_grades, calibrated, decide_grades(calibrated, rule))["qwk"]

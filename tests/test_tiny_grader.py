@@ -1,0 +1,95 @@
+"""The grader file's record drives inference; a tiny Xception built by the same code tests it in seconds."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from kneepipe.grade.model import Preprocessing, build_grader, read_preprocessing, save_grader
+from kneepipe.grade.predict import DEFAULT_GRADER, Grader
+from kneepipe.joints import CROP_FRAMING
+
+TINY = {"width": 0.0625, "middle_blocks": 1}
+
+
+@pytest.fixture(scope="module")
+def tiny_grader_file(tmp_path_factory) -> Path:
+    """A tiny, randomly initialised grader file: the shipped file's format at 1/500 of its size."""
+    model = build_grader("softmax", architecture_args=TINY)
+    record = Preprocessing(input_size=96, head="softmax", architecture_args=TINY, decision="median")
+    return save_grader(model, record, tmp_path_factory.mktemp("tiny") / "tiny.npz")
+
+
+@pytest.fixture(scope="module")
+def real_crops(oai_dir) -> list[np.ndarray]:
+    paths = [sorted((oai_dir / "val" / str(grade)).glob("*.png"))[0] for grade in range(5)]
+    return [cv2.imread(str(path), cv2.IMREAD_GRAYSCALE) for path in paths]
+
+
+def test_the_builder_at_its_defaults_is_the_published_xception():
+    from kneepipe.grade.xception import xception_backbone
+    from kneepipe.runtime import import_keras
+
+    keras = import_keras()
+    ours = xception_backbone(3)
+    published = keras.applications.Xception(include_top=False, weights=None, input_shape=(None, None, 3), pooling="avg")
+    assert [w.shape for w in ours.get_weights()] == [w.shape for w in published.get_weights()]
+    named = [layer.name for layer in published.layers if layer.name.startswith("block")]
+    assert [layer.name for layer in ours.layers if layer.name.startswith("block")] == named
+
+
+def test_a_tiny_grader_grades_real_crops_through_the_same_code(tiny_grader_file, real_crops):
+    grader = Grader.load(tiny_grader_file)
+    assert grader.preprocessing.architecture_args == TINY and grader.model.count_params() < 100_000
+    graded = grader.grade_each(real_crops, batch_size=2)
+    assert all(isinstance(logits, np.ndarray) and logits.shape == (5,) for logits in graded)
+    probabilities = grader.probabilities(np.stack(graded))
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-6)
+    assert grader.decide(probabilities).shape == (5,)
+    heat = grader.gradcam(real_crops[0], grade=2)
+    assert heat.shape == real_crops[0].shape and heat.min() >= 0 and heat.max() <= 1
+
+
+def test_the_records_resize_rule_is_the_one_inference_applies(tiny_grader_file):
+    grader = Grader.load(tiny_grader_file)
+    small = np.tile(np.arange(0, 256, 16, dtype=np.uint8), (160, 10))  # stripes to enlarge to 224, then 96
+    area = grader.prepare([small])
+    grader.preprocessing = dataclasses.replace(grader.preprocessing, resize_interpolation="cubic")
+    cubic = grader.prepare([small])
+    assert area.shape == cubic.shape == (1, 96, 96, 3) and not np.array_equal(area, cubic)
+
+
+def test_a_record_inference_cannot_honour_is_refused(tiny_grader_file):
+    record = json.loads(json.dumps(dataclasses.asdict(read_preprocessing(tiny_grader_file))))
+    for key, value, words in (
+        ("scaling", "x/255", "grader scaling 'x/255' is not supported"),
+        ("class_names", ["none", "mild", "severe"], "kneepipe grades KL0"),
+        ("resize_interpolation", "lanczos", "resize_interpolation 'lanczos'"),
+        ("architecture", "resnet50", "architecture 'resnet50'"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            Preprocessing.from_json(json.dumps({"format_version": 1, **record, key: value}))
+
+
+def test_the_shipped_grader_records_the_published_network_and_the_detectors_framing():
+    record = read_preprocessing(DEFAULT_GRADER)
+    assert record.architecture == "xception" and record.architecture_args == {}
+    assert record.framing == CROP_FRAMING and record.scaling == "x/127.5-1 inside the network"
+
+
+def test_a_grader_for_crops_framed_otherwise_is_refused_by_the_pipeline(tiny_grader_file):
+    from kneepipe.pipeline.run import check_models
+
+    class Detector:
+        version, framing = "fake@0", CROP_FRAMING
+
+    grader = Grader.load(tiny_grader_file)
+    check_models(Detector(), grader)  # the same framing: accepted
+    grader.preprocessing = dataclasses.replace(grader.preprocessing, framing="whole leg, 512 px")
+    with pytest.raises(ValueError, match="expects crops framed as 'whole leg, 512 px'"):
+        check_models(Detector(), grader)
