@@ -40,7 +40,7 @@ def rule(
     return {"range": range, "choices": tuple(choices) if choices is not None else None, "help": help}
 
 
-def defaults_path(config_cls: type) -> Path:
+def defaults_path(config_cls: Any) -> Path:
     """The shipped defaults file of a stage config class (its ``STAGE`` attribute)."""
     return CONFIG_DIR / f"{config_cls.STAGE}.yaml"
 
@@ -146,7 +146,8 @@ def load_config(
     Raises:
         ConfigError: naming the offending key, for unknown keys, wrong types or ranges.
     """
-    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    stage: Any = config_cls  # a frozen dataclass with a STAGE name
+    fields = {f.name: f for f in dataclasses.fields(stage)}
     hints = typing.get_type_hints(config_cls)
     layers = [(str(defaults_path(config_cls)), _read_yaml(defaults_path(config_cls)))]
     if config_file is not None:
@@ -159,13 +160,13 @@ def load_config(
             if key not in fields:
                 hint = _closest(key, fields)
                 raise ConfigError(
-                    f"unknown key {prefix + str(key)!r} in {source} for stage '{config_cls.STAGE}'"
+                    f"unknown key {prefix + str(key)!r} in {source} for stage '{stage.STAGE}'"
                     + (f"; did you mean {prefix + hint!r}?" if hint else "")
                 )
             merged[key] = _check_value(fields[key], hints[key], value, source, prefix)
     missing = sorted(set(fields) - set(merged))
     if missing:
-        raise ConfigError(f"keys without a value for stage '{config_cls.STAGE}': {', '.join(missing)}")
+        raise ConfigError(f"keys without a value for stage '{stage.STAGE}': {', '.join(missing)}")
     config = config_cls(**merged)
     validate = getattr(config, "validate", None)
     if validate is not None:

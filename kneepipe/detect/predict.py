@@ -304,13 +304,13 @@ class JointDetector:
         is much less sure of a knee on a dark or asymmetric film than of its partner.
         """
         rows = suppress_nested(rows, self.config.iou)
-        confident: list[np.ndarray] = []
+        kept_rows: list[np.ndarray] = []
         for row in rows[rows[:, 4] >= self.config.conf]:
             # Knees on one film sit side by side; a box above or below a kept knee is
             # a shaft or the same leg boxed again, not another knee.
-            if all(_side_by_side(row, kept) for kept in confident):
-                confident.append(row)
-        confident = np.array(confident).reshape(-1, 6)
+            if all(_side_by_side(row, kept) for kept in kept_rows):
+                kept_rows.append(row)
+        confident = np.array(kept_rows).reshape(-1, 6)
         if len(confident) == 1 and self.config.max_det >= 2:
             faint = rows[(rows[:, 4] < self.config.conf) & (rows[:, 4] >= self.config.pair_conf)]
             partner = pair_partner(confident[0], faint)
@@ -352,7 +352,8 @@ class JointDetector:
         for row, side in zip(boxes, sides, strict=True):
             box = square_box(tuple(row[:4]), image_size=(width, height))
             crop = crop_joint(pixels, box, size=self.config.crop_size)
-            source_box = tuple(float(v) / radiograph.scale for v in box)
+            x1, y1, x2, y2 = (float(v) / radiograph.scale for v in box)
+            source_box = (x1, y1, x2, y2)
             joints.append(Joint(radiograph.path, side, source_box, float(row[4]), crop))
         joints.sort(key=lambda joint: (joint.box[0] + joint.box[2]) / 2)
         return Detection(radiograph.path, tuple(joints), message=note)

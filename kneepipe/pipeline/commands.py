@@ -7,7 +7,7 @@ command runs.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -135,7 +135,7 @@ def run(
     except (OSError, ValueError, RuntimeError) as err:
         fail(f"cannot load the models: {err}")
 
-    speed = {"start": None, "first": 0}
+    speed: dict[str, Any] = {"start": None, "first": 0}
 
     def on_progress(done: int, total: int) -> None:
         now = time.perf_counter()

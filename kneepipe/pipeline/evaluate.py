@@ -110,10 +110,11 @@ def read_labels(path: str | Path) -> list[LabelledKnee]:
         image = cell["image"]
         if not image:
             raise ValueError(f"{path}:{line}: empty image name")
-        box = None
+        box: tuple[float, float, float, float] | None = None
         if with_boxes and all(cell[k] for k in ("x1", "y1", "x2", "y2")):
             try:
-                box = tuple(float(cell[k]) for k in ("x1", "y1", "x2", "y2"))
+                x1, y1, x2, y2 = (float(cell[k]) for k in ("x1", "y1", "x2", "y2"))
+                box = (x1, y1, x2, y2)
             except ValueError:
                 raise ValueError(f"{path}:{line}: the box x1,y1,x2,y2 must be numbers") from None
             if not all(np.isfinite(box)):
@@ -179,22 +180,24 @@ def match_labels(
     claimed: set[int] = set()
     labels_by_image: dict[str, list[LabelledKnee]] = {}
     for label in labels:
-        name = by_name.get(label.image) or by_name.get(Path(label.image).name)
-        if name is None:
+        found = by_name.get(label.image) or by_name.get(Path(label.image).name)
+        if found is None:
             unknown.append(label)
         else:
-            labels_by_image.setdefault(name, []).append(label)
+            labels_by_image.setdefault(found, []).append(label)
 
     for name, image_labels in labels_by_image.items():
         candidates = knees_by_image.get(name, [])
         image = images[name]
-        pending = []  # (label, knee index or None, iou)
-        if all(label.box is not None for label in image_labels):
+        pending: list[tuple[LabelledKnee, int | None, float | None]] = []  # (label, knee index or None, iou)
+        boxes = [label.box for label in image_labels]
+        if all(box is not None for box in boxes):
             # Greedy by IoU: the best-overlapping pairs first, each joint used once.
             pairs = sorted(
                 (
-                    (box_iou(label.box, knees[k]["box"]), li, k)
-                    for li, label in enumerate(image_labels)
+                    (box_iou(box, knees[k]["box"]), li, k)
+                    for li, box in enumerate(boxes)
+                    if box is not None
                     for k in candidates
                 ),
                 reverse=True,
@@ -206,50 +209,50 @@ def match_labels(
                 chosen[li] = (k, iou)
                 claimed.add(k)
             for li, label in enumerate(image_labels):
-                k, iou = chosen.get(li, (None, 0.0))
-                pending.append((label, k, iou))
+                match = chosen.get(li)
+                pending.append((label, match[0], match[1]) if match else (label, None, 0.0))
         else:
             for label in image_labels:
                 same_side = [k for k in candidates if knees[k]["side"] == label.side and k not in claimed]
-                k = max(same_side, key=lambda i: knees[i]["det_confidence"]) if same_side else None
-                if k is not None:
-                    claimed.add(k)
-                pending.append((label, k, None))
+                best = max(same_side, key=lambda i: knees[i]["det_confidence"]) if same_side else None
+                if best is not None:
+                    claimed.add(best)
+                pending.append((label, best, None))
             # A side with no joint while an unclaimed joint of the other side is there.
-            for position, (label, k, _) in enumerate(pending):
-                if k is None:
+            for position, (label, matched, _) in enumerate(pending):
+                if matched is None:
                     others = [i for i in candidates if i not in claimed and knees[i]["side"] != label.side]
                     if others:
                         other = max(others, key=lambda i: knees[i]["det_confidence"])
                         claimed.add(other)
                         pending[position] = (label, other, None)
 
-        for label, k, iou in pending:
+        for label, knee_index, overlap in pending:
             outcome = {
                 "image": name,
                 "side": label.side,
                 "true_grade": label.kl_grade,
                 "kl_grade": "",
-                "iou": "" if iou is None else round(iou, 3),
+                "iou": "" if overlap is None else round(overlap, 3),
                 "det_confidence": "",
                 "probabilities": None,
                 "message": "",
             }
-            if k is None:
+            if knee_index is None:
                 reason = image.get("message") or image.get("status") or "no joint detected"
                 outcome.update(
                     outcome=MISSED,
                     message=reason if image.get("status") != "ok" else f"no {label.side} joint matched",
                 )
             else:
-                knee = knees[k]
+                knee = knees[knee_index]
                 outcome.update(kl_grade=knee["kl_grade"], det_confidence=knee["det_confidence"])
                 if knee["side"] != label.side:
                     outcome.update(outcome=MISASSIGNED, message=f"joint found but labelled {knee['side']}")
                 else:
                     outcome.update(outcome=MATCHED, probabilities=knee["probabilities"])
             outcomes.append(outcome)
-    unclaimed = [knees[k] for k in range(len(knees)) if k not in claimed]
+    unclaimed = [knees[knee_index] for knee_index in range(len(knees)) if knee_index not in claimed]
     return outcomes, unknown, unclaimed
 
 

@@ -222,7 +222,7 @@ def thumbnail_jpeg(radiograph: Radiograph, size: int) -> tuple[bytes, float]:
 
 def results_rows(images: dict[str, ImageRecord]) -> list[dict[str, Any]]:
     """The rows of ``results.csv``: one per knee, or one per radiograph without knees."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, record in images.items():
         if not record["knees"]:
             rows.append({"image": name, "status": record["status"], "message": record["message"]})

@@ -167,6 +167,7 @@ def run_pipeline(
     if detector is None or grader is None:
         loaded_detector, loaded_grader = load_models(detect_cfg, grade_cfg, detector is None, grader is None)
         detector, grader = detector or loaded_detector, grader or loaded_grader
+    assert detector is not None and grader is not None  # loaded above when not given
     check_models(detector, grader)
 
     configs = {"pipeline": to_dict(pipeline_cfg), "detect": to_dict(detect_cfg), "grade": to_dict(grade_cfg)}
@@ -345,7 +346,9 @@ def _grade_step(
                 record, item, thumbnail, detections[id(item)], logits_by_joint, keys[name], out_dir, pipeline_cfg
             )
         except Exception as err:  # this file's problem only: its record says what happened
-            record.update(status=STATUS_ERROR, message=f"processing failed ({type(err).__name__}: {err})", knees=[])
+            record.update(
+                {"status": STATUS_ERROR, "message": f"processing failed ({type(err).__name__}: {err})", "knees": []}
+            )
         file_notes = [note for note in ((notes or {}).get(name), *item.notes, thumbnail_note) if note]
         if file_notes:
             _add_note(record, "; ".join(file_notes))
@@ -377,10 +380,12 @@ def _fill_record(
     Returns a note when the thumbnail could not be saved (the grades do not depend on it).
     """
     record.update(
-        status=detection.status,
-        message=detection.message,
-        original_size=list(radiograph.original_size),
-        scale=radiograph.scale,
+        {
+            "status": detection.status,
+            "message": detection.message,
+            "original_size": list(radiograph.original_size),
+            "scale": radiograph.scale,
+        }
     )
     thumbnail_note = ""
     if thumbnail is not None:
@@ -388,7 +393,7 @@ def _fill_record(
         try:
             (out_dir / "thumbnails").mkdir(exist_ok=True)
             write_atomic(out_dir / f"thumbnails/{key}.jpg", jpeg)
-            record.update(thumbnail=f"thumbnails/{key}.jpg", thumbnail_scale=thumbnail_scale)
+            record.update({"thumbnail": f"thumbnails/{key}.jpg", "thumbnail_scale": thumbnail_scale})
         except OSError as err:  # the report goes without it; the grades do not depend on it
             thumbnail_note = f"thumbnail not saved ({err.strerror or err})"
     note = "; ".join(filter(None, [detection.message if detection.joints else "", _joint_notes(detection.joints)]))
@@ -406,7 +411,7 @@ def _fill_record(
             "logits": None,
         }
         if isinstance(logits, str):
-            knee.update(status=STATUS_ERROR, message=logits)
+            knee.update({"status": STATUS_ERROR, "message": logits})
         else:
             knee["logits"] = [round(float(v), 6) for v in logits]
         if pipeline_cfg.save_crops:
@@ -421,5 +426,5 @@ def _fill_record(
                 knee["message"] = f"{knee['message']}; {problem}" if knee["message"] else problem
         record["knees"].append(knee)
     if record["knees"] and all(knee["status"] != STATUS_OK for knee in record["knees"]):
-        record.update(status=STATUS_ERROR, message=record["knees"][0]["message"])
+        record.update({"status": STATUS_ERROR, "message": record["knees"][0]["message"]})
     return thumbnail_note

@@ -147,7 +147,7 @@ def prepare_output(out_dir: Path, parts: Mapping[str, str], overwrite: bool) -> 
         return False
     if is_run and previous.get("fingerprint") == fingerprint(parts):
         return True
-    if is_run:
+    if isinstance(previous_parts, dict):
         changed = sorted(k for k in set(parts) | set(previous_parts) if parts.get(k) != previous_parts.get(k))
         reason = f"a different run (differs in: {', '.join(changed)})"
         advice = "pass --overwrite to replace that run's outputs"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -54,7 +54,7 @@ def decoded_radiographs(
     workers: int = 1,
     prepare: Callable[[Radiograph], Any] | None = None,
     max_pixels: int = MAX_PIXELS,
-) -> Iterator[tuple[Path, Radiograph | ImageReadError, Any]]:
+) -> Generator[tuple[Path, Radiograph | ImageReadError, Any], None, None]:
     """Yield ``(path, radiograph or read error, prepared)`` in input order, decoding ahead in threads.
 
     Args:

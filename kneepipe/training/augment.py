@@ -125,7 +125,7 @@ def augment_batch(x, recipe: AugmentationRecipe, generator):
     shift_x, shift_y = (uniform(-recipe.shift, recipe.shift) * 2 * on for _ in range(2))  # [-1, 1] spans 2
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     theta = torch.stack([torch.stack([cos, -sin, shift_x], 1), torch.stack([sin, cos, shift_y], 1)], 1)
-    grid = F.affine_grid(theta, (b, 1, h, w), align_corners=False)
+    grid = F.affine_grid(theta, [b, 1, h, w], align_corners=False)
     x = F.grid_sample(x[:, None], grid, mode="bilinear", padding_mode="reflection", align_corners=False)[:, 0]
 
     on = coin(BRIGHTNESS_CONTRAST_P).float()

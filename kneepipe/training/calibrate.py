@@ -24,7 +24,7 @@ def calibrate_grader(path: str | Path, config: GradeConfig) -> float:
     # Fitted on the log-probabilities that inference divides by the temperature.
     log_p = log_probabilities(grader.predict_logits(val.crops, config.batch), grader.preprocessing.head)
     temperature, bias = fit_temperature_and_bias(log_p, val.kl_grades)
-    calibrated = probabilities_from_logits(log_p, "softmax", temperature, bias)
+    calibrated = probabilities_from_logits(log_p, "softmax", temperature, tuple(bias))
     # The decision rule with the better val QWK, the criterion the epoch was selected on.
     qwk = {
         rule: grading_metrics(val.kl_grades, calibrated, decide_grades(calibrated, rule))["qwk"]
@@ -34,7 +34,7 @@ def calibrate_grader(path: str | Path, config: GradeConfig) -> float:
         grader.preprocessing,
         temperature=temperature,
         class_bias=tuple(float(b) for b in bias),
-        decision=max(qwk, key=qwk.get),
+        decision=max(qwk, key=lambda rule: -1.0 if qwk[rule] is None else qwk[rule]),  # an undefined QWK never wins
     )
     save_grader(grader.model, preprocessing, path)
     return temperature

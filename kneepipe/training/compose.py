@@ -407,6 +407,7 @@ def compose_dataset(
     rows = []
     for index in range(count):
         mirror = rng.random() < 0.5
+        chosen: tuple[KneeCrop, ...]
         if pairs and rng.random() < bilateral_fraction:
             chosen = pairs[rng.integers(len(pairs))]
         else:

@@ -75,8 +75,9 @@ def _batches(crops: np.ndarray, grades: np.ndarray, weights: np.ndarray, config:
 def _throughput_callback(log: RunLog, batch_size: int, every: int = 25):
     """Logs images/s every ``every`` batches, so a background run shows its pace in train.log."""
     keras = import_keras()
+    base: Any = keras.callbacks.Callback
 
-    class ThroughputLog(keras.callbacks.Callback):
+    class ThroughputLog(base):
         def on_epoch_begin(self, epoch, logs=None):
             self.start = time.time()
 

@@ -88,7 +88,7 @@ def pack_crops(root: str | Path, out: str | Path, quality: int | None = None, si
         arrays[f"{part}_names"] = np.array([str(p.relative_to(root)) for p in crops.paths])
         counts[part] = len(encoded)
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]  # numpy's stub takes the keyword for allow_pickle
     write_atomic(out, buffer.getvalue())
     return counts
 
@@ -99,7 +99,12 @@ def read_pack(path: str | Path, part: str) -> tuple[np.ndarray, np.ndarray]:
 
     with np.load(path, allow_pickle=False) as pack:
         data, offsets, grades = pack[f"{part}_bytes"], pack[f"{part}_offsets"], pack[f"{part}_grades"]
-    crops = [cv2.imdecode(data[offsets[i] : offsets[i + 1]], cv2.IMREAD_GRAYSCALE) for i in range(len(grades))]
+    crops = []
+    for i in range(len(grades)):
+        crop = cv2.imdecode(data[offsets[i] : offsets[i + 1]], cv2.IMREAD_GRAYSCALE)
+        if crop is None:
+            raise ValueError(f"{path}: crop {i} of {part} cannot be decoded (a damaged pack)")
+        crops.append(crop)
     return np.stack(crops), grades.astype(np.int64)
 
 

@@ -43,7 +43,7 @@ WARMUP_START = 1 / 25  # the warm-up starts at this share of the peak learning r
 FINAL_LR = 0.01  # the cosine decay ends at this share of the peak
 
 
-def stratified_subset(grades: Sequence[int], limit: int | None, seed: int) -> np.ndarray:
+def stratified_subset(grades: Sequence[int] | np.ndarray, limit: int | None, seed: int) -> np.ndarray:
     """Sorted indices of ``limit`` items keeping each grade's share, and every grade present.
 
     Each grade gets its share of ``limit`` rounded down (at least one item), and the items
@@ -54,10 +54,10 @@ def stratified_subset(grades: Sequence[int], limit: int | None, seed: int) -> np
     >>> np.bincount(np.asarray(grades)[stratified_subset(grades, 10, seed=0)]).tolist()
     [4, 2, 2, 1, 1]
     """
-    grades = np.asarray(grades)
-    if limit is None or limit >= len(grades):
-        return np.arange(len(grades))
-    present, counts = np.unique(grades, return_counts=True)
+    values = np.asarray(grades)
+    if limit is None or limit >= len(values):
+        return np.arange(len(values))
+    present, counts = np.unique(values, return_counts=True)
     ideal = limit * counts / counts.sum()
     quota = np.minimum(counts, np.maximum(1, np.floor(ideal).astype(int)))
     while quota.sum() < limit:
@@ -68,7 +68,7 @@ def stratified_subset(grades: Sequence[int], limit: int | None, seed: int) -> np
         quota[int(np.argmax(excess))] -= 1
     rng = np.random.default_rng(seed)
     chosen = [
-        rng.choice(np.flatnonzero(grades == grade), size=int(take), replace=False)
+        rng.choice(np.flatnonzero(values == grade), size=int(take), replace=False)
         for grade, take in zip(present, quota, strict=True)
     ]
     return np.sort(np.concatenate(chosen))
@@ -227,9 +227,10 @@ def schedule_class() -> type:
     from kneepipe.runtime import import_keras
 
     keras = import_keras()
+    base: Any = keras.optimizers.schedules.LearningRateSchedule
 
     @keras.saving.register_keras_serializable(package="kneepipe")
-    class RecipeSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    class RecipeSchedule(base):
         def __init__(self, peak: float, warmup_steps: int, hold_steps: int, total_steps: int):
             self.peak, self.warmup_steps = float(peak), int(warmup_steps)
             self.hold_steps, self.total_steps = int(hold_steps), int(total_steps)
