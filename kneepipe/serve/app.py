@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qs
 
-from fastapi import Body, File, Form, HTTPException, Request, UploadFile
+from fastapi import Body, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -66,7 +66,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def create_app(config: ServeConfig, store: RunStore, worker: Worker, token: str | None = None) -> FastAPIOffline:
+def create_app(config: ServeConfig, store: RunStore, worker: Worker, token: str | None = None) -> FastAPI:
     """The FastAPI app of ``kneepipe serve`` over a run store and a started (or startable) worker.
 
     With a ``token``, every request must carry it (``Authorization: Bearer``, the
@@ -316,19 +316,19 @@ class AccessGuard:
         if self.token is None:
             host = _host_name(headers.get("host", ""))
             if host not in LOOPBACK_NAMES:
-                response = PlainTextResponse(
+                refused: Response = PlainTextResponse(
                     f"kneepipe answers only requests addressed to 127.0.0.1 or localhost, not {host or 'no host'}",
                     status_code=421,
                 )
-                return await response(scope, receive, send)
+                return await refused(scope, receive, send)
             return await self.app(scope, receive, send)
         given = _bearer(headers.get("authorization", "")) or _cookie(headers.get("cookie", ""), TOKEN_COOKIE)
         from_query = (parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token") or [None])[0]
         if from_query is not None and _same(from_query, self.token) and scope["method"] == "GET":
             # The address the server printed: set the cookie and drop the token from the address bar.
-            response = RedirectResponse(scope["path"], status_code=303)
-            response.set_cookie(TOKEN_COOKIE, self.token, httponly=True, samesite="strict")
-            return await response(scope, receive, send)
+            redirect = RedirectResponse(scope["path"], status_code=303)
+            redirect.set_cookie(TOKEN_COOKIE, self.token, httponly=True, samesite="strict")
+            return await redirect(scope, receive, send)
         if given is None or not _same(given, self.token):
             reason = "a wrong token" if given is not None or from_query is not None else "no token"
             response = JSONResponse(

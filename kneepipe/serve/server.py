@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from fastapi import FastAPI
+
 from kneepipe.serve.app import create_app, is_loopback
 from kneepipe.serve.config import ServeConfig
 from kneepipe.serve.store import RunStore
@@ -26,7 +28,7 @@ class TokenRequiredError(ValueError):
 class Server:
     """A built server: the ASGI app, its worker (not yet started) and where it keeps its runs."""
 
-    app: object
+    app: FastAPI
     worker: Worker
     store: RunStore
     config: ServeConfig

@@ -93,7 +93,8 @@ class Worker:
         self._process = process
         self._load = load
         self.queue: queue.Queue[str | None] = queue.Queue()
-        self.state, self.message, self.current = "starting", "", None
+        self.state, self.message = "starting", ""
+        self.current: str | None = None
         self.processed = 0
         self._thread = threading.Thread(target=self._loop, name="kneepipe-serve-worker", daemon=True)
 
