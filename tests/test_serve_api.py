@@ -408,3 +408,20 @@ def test_server_errors_are_told_in_words_without_a_traceback(tmp_path, film, mon
         "detail": "kneepipe could not answer this request (RuntimeError); the server log says why"
     }
     assert "Traceback" not in crashed.text
+
+
+def test_uploads_are_spooled_under_the_data_folder(tmp_path, monkeypatch):
+    import tempfile
+
+    from kneepipe.serve.server import keep_temporary_files_in
+
+    monkeypatch.setattr(tempfile, "tempdir", tempfile.gettempdir())  # restored after the test
+    store = RunStore(tmp_path / "data")
+    (store.data_dir / "tmp").mkdir()
+    (store.data_dir / "tmp" / "left-by-a-killed-server").write_bytes(b"x")
+    folder = keep_temporary_files_in(store)
+    assert folder == store.data_dir / "tmp" and list(folder.iterdir()) == []
+    # Starlette spools a large upload part to a tempfile.SpooledTemporaryFile; it rolls over in this folder.
+    assert tempfile.gettempdir() == str(folder)
+    with tempfile.NamedTemporaryFile() as spooled:
+        assert Path(spooled.name).parent == folder

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import FastAPI
 
@@ -62,8 +63,25 @@ def serve_forever(server: Server) -> None:
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    keep_temporary_files_in(server.store)
     server.worker.start()
     try:
         uvicorn.run(server.app, host=server.config.host, port=server.config.port, log_level="warning")
     finally:
         server.worker.stop()
+
+
+def keep_temporary_files_in(store: RunStore) -> Path:
+    """Make the process's temporary files (large uploads spooled while they arrive) go to ``<data>/tmp``.
+
+    So an upload is written under the data folder only, from its first byte; what an earlier
+    server left there is removed.
+    """
+    import shutil
+    import tempfile
+
+    folder = store.data_dir / "tmp"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    tempfile.tempdir = str(folder)
+    return folder
