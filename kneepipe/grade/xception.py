@@ -1,8 +1,10 @@
 """The Xception backbone (Chollet 2017), with its width and depth as arguments.
 
 At the default arguments it is Keras' ``keras.applications.Xception`` without its top,
-pooled by the global average: the same layers, names, shapes and order, so grader files
-trained on that network load into it unchanged. With a small ``width`` and
+pooled by the global average: the same layers, shapes and order, so grader files trained
+on that network load into it unchanged. Every layer has a fixed name (Keras numbers the
+shortcut and ``Add`` layers it leaves unnamed by how many were built before in the
+process), so a layer named in a grader file is found again in any process. With a small ``width`` and
 ``middle_blocks`` the same code builds a tiny Xception, which the fast test tier grades
 and trains with in seconds.
 """
@@ -49,11 +51,12 @@ def xception_backbone(input_channels: int = 3, width: float = 1.0, middle_blocks
         x = layers.SeparableConv2D(filters(base), (3, 3), padding="same", use_bias=False, name=name)(x)
         return layers.BatchNormalization(axis=-1, name=f"{name}_bn")(x)
 
-    def residual_of(x, base: int):
-        residual = layers.Conv2D(filters(base), (1, 1), strides=(2, 2), padding="same", use_bias=False)(x)
-        return layers.BatchNormalization(axis=-1)(residual)
+    def residual_of(x, base: int, block: int):
+        name = f"block{block}_residual"
+        residual = layers.Conv2D(filters(base), (1, 1), strides=(2, 2), padding="same", use_bias=False, name=name)(x)
+        return layers.BatchNormalization(axis=-1, name=f"{name}_bn")(residual)
 
-    inputs = layers.Input(shape=(None, None, input_channels))
+    inputs = layers.Input(shape=(None, None, input_channels), name="image")
     x = layers.Conv2D(filters(32), (3, 3), strides=(2, 2), use_bias=False, name="block1_conv1")(inputs)
     x = layers.BatchNormalization(axis=-1, name="block1_conv1_bn")(x)
     x = layers.Activation("relu", name="block1_conv1_act")(x)
@@ -63,14 +66,14 @@ def xception_backbone(input_channels: int = 3, width: float = 1.0, middle_blocks
 
     # Entry flow: blocks 2-4, each halving the size, with a strided 1x1 shortcut.
     for block, base in ((2, 128), (3, 256), (4, 728)):
-        residual = residual_of(x, base)
+        residual = residual_of(x, base, block)
         if block > 2:
             x = layers.Activation("relu", name=f"block{block}_sepconv1_act")(x)
         x = separable(x, base, f"block{block}_sepconv1")
         x = layers.Activation("relu", name=f"block{block}_sepconv2_act")(x)
         x = separable(x, base, f"block{block}_sepconv2")
         x = layers.MaxPooling2D((3, 3), strides=(2, 2), padding="same", name=f"block{block}_pool")(x)
-        x = layers.add([x, residual])
+        x = layers.Add(name=f"block{block}_add")([x, residual])
 
     # Middle flow: blocks 5 onwards, three separable convolutions around an identity shortcut.
     for i in range(middle_blocks):
@@ -78,21 +81,21 @@ def xception_backbone(input_channels: int = 3, width: float = 1.0, middle_blocks
         for conv in (1, 2, 3):
             x = layers.Activation("relu", name=f"{prefix}_sepconv{conv}_act")(x)
             x = separable(x, 728, f"{prefix}_sepconv{conv}")
-        x = layers.add([x, residual])
+        x = layers.Add(name=f"{prefix}_add")([x, residual])
 
     # Exit flow: block 13 (named after the published network's depth), then block 14.
-    residual = residual_of(x, 1024)
+    residual = residual_of(x, 1024, 13)
     x = layers.Activation("relu", name="block13_sepconv1_act")(x)
     x = separable(x, 728, "block13_sepconv1")
     x = layers.Activation("relu", name="block13_sepconv2_act")(x)
     x = separable(x, 1024, "block13_sepconv2")
     x = layers.MaxPooling2D((3, 3), strides=(2, 2), padding="same", name="block13_pool")(x)
-    x = layers.add([x, residual])
+    x = layers.Add(name="block13_add")([x, residual])
     x = separable(x, 1536, "block14_sepconv1")
     x = layers.Activation("relu", name="block14_sepconv1_act")(x)
     x = separable(x, 2048, "block14_sepconv2")
     x = layers.Activation("relu", name="block14_sepconv2_act")(x)
-    x = layers.GlobalAveragePooling2D()(x)
+    x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
     backbone = keras.Model(inputs, x, name="xception")
     if weights is not None:
         published = keras.applications.Xception(

@@ -115,6 +115,8 @@ def train_grader(config: GradeConfig, run_dir: str | Path, resume: bool = True) 
     >>> cfg = load_config(GradeConfig, overrides={"epochs": 1, "max_train_images": 20})  # doctest: +SKIP
     >>> train_grader(cfg, "runs/grader-smoke")["val_qwk"]  # doctest: +SKIP
     """
+    if not (config.data or config.split_csv):
+        raise FileNotFoundError("no training data: set data (a folder with train/ and val/) or split_csv")
     run_dir = Path(run_dir)
     state_path = run_dir / "state.json"
     state = json.loads(state_path.read_text()) if resume and state_path.exists() else None
