@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import cv2
@@ -111,7 +111,7 @@ def gradcam_overlay(crop: np.ndarray, heat: np.ndarray) -> np.ndarray:
     return cv2.addWeighted(base, 0.55, coloured, 0.45, 0)
 
 
-def annotated_thumbnail(thumbnail: np.ndarray, scale: float, knees: Sequence[dict[str, Any]]) -> np.ndarray:
+def annotated_thumbnail(thumbnail: np.ndarray, scale: float, knees: Sequence[Mapping[str, Any]]) -> np.ndarray:
     """The radiograph thumbnail with each joint's box, side and grade drawn on it."""
     image = cv2.cvtColor(thumbnail, cv2.COLOR_GRAY2BGR)
     thickness = max(2, round(max(image.shape[:2]) / 300))

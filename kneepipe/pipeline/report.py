@@ -19,7 +19,7 @@ import html
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -36,6 +36,12 @@ from kneepipe.pipeline.plots import (
     grade_distribution_plot,
     group_distribution_plot,
 )
+
+if TYPE_CHECKING:
+    from kneepipe.grade.predict import Grader
+    from kneepipe.pipeline.config import PipelineConfig
+    from kneepipe.pipeline.outputs import PipelineRun
+    from kneepipe.pipeline.records import ImageRecord
 
 DETECT_SHOWN = ("imgsz", "conf", "iou", "max_det", "max_side", "overexposed_fraction")
 STATUS_TEXT = {
@@ -103,13 +109,15 @@ def _read_gray(path: Path) -> np.ndarray | None:
     return cv2.imread(str(path), cv2.IMREAD_GRAYSCALE) if path.is_file() else None
 
 
-def _thumbnail(record: dict[str, Any], out_dir: Path, size: int) -> tuple[np.ndarray | None, float]:
+def _thumbnail(record: ImageRecord, out_dir: Path, size: int) -> tuple[np.ndarray | None, float]:
     """The saved thumbnail, or (for runs without one) a fresh decode of the file."""
-    if record.get("thumbnail"):
+    scale = record.get("thumbnail_scale")
+    if record.get("thumbnail") and scale is not None:
         pixels = _read_gray(out_dir / record["thumbnail"])
         if pixels is not None:
-            return pixels, record["thumbnail_scale"]
-    if record.get("original_size") is None:
+            return pixels, scale
+    original_size = record.get("original_size")
+    if original_size is None:
         return None, 1.0
     from kneepipe.imaging import ImageReadError, read_radiograph
 
@@ -117,7 +125,7 @@ def _thumbnail(record: dict[str, Any], out_dir: Path, size: int) -> tuple[np.nda
         radiograph = read_radiograph(record["path"], max_side=max(size, 32))
     except ImageReadError:
         return None, 1.0
-    return radiograph.pixels, radiograph.pixels.shape[1] / record["original_size"][0]
+    return radiograph.pixels, radiograph.pixels.shape[1] / original_size[0]
 
 
 def _metric_table(metrics: dict[str, Any]) -> str:
@@ -176,7 +184,7 @@ def _group_table(groups: dict[str, dict[str, Any]], pattern: str) -> str:
     )
 
 
-def write_report(run, pipeline_cfg, grader, configs: dict[str, Any]) -> Path:
+def write_report(run: PipelineRun, pipeline_cfg: PipelineConfig, grader: Grader, configs: dict[str, Any]) -> Path:
     """Write ``report.html`` for a finished :class:`~kneepipe.pipeline.run.PipelineRun`.
 
     Args:
