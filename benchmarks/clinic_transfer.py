@@ -1,16 +1,24 @@
-"""How the shipped grader transfers to another clinic, plain and with ``--adapt-prior``.
+"""How the shipped grader transfers to another clinic: plain, as `kneepipe grade` does it, with
+``--adapt-prior``, the shift score, and a site grader fitted by `kneepipe adapt` (k-fold CV).
 
-Grades ``clinic-kl/dev`` (another clinic's expert-graded knees), OAI ``val`` and ``val``
-resampled to the grade counts 63/199/139/84/46 (a pure label shift; three seeds), each
-plain and with the EM prior and its guard, and prints accuracy, QWK and the predicted
-grade counts.
+Batches: ``clinic-kl/dev`` (another clinic's expert-graded knees), OAI ``val``, and ``val``
+resampled to the grade counts 63/199/139/84/46 (a pure label shift; three seeds). Rows:
 
-    python benchmarks/clinic_transfer.py [--model FILE] [--precision bfloat16]
+* ``train statistics``: the network as trained (``batch_norm=train``);
+* ``default``: what ``kneepipe grade`` does (``batch_norm=auto``: batch-norm statistics
+  re-estimated on the batch when its shift score warns);
+* ``default --adapt-prior``: the same, then the EM grade prior and its guard;
+* with ``--adapt``: ``kneepipe adapt`` on the batch as the site sample, out-of-fold figures
+  of ``--folds``-fold cross-validation (minutes per batch).
+
+    python benchmarks/clinic_transfer.py [--model FILE] [--adapt] [--folds 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +26,7 @@ import numpy as np
 from kneepipe.config import load_config
 from kneepipe.grade.config import GradeConfig
 from kneepipe.grade.data import labelled_files, load_crops
-from kneepipe.grade.folder import adjust_for_prior
+from kneepipe.grade.folder import adjust_for_prior, grade_crops
 from kneepipe.grade.predict import Grader
 from kneepipe.grade.prior import resample_to_counts
 from kneepipe.metrics import grading_metrics
@@ -27,39 +35,70 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 RESAMPLE_COUNTS = np.array([63, 199, 139, 84, 46])
 
 
-def _row(name: str, grader: Grader, truth: np.ndarray, probabilities: np.ndarray, note: str = "") -> None:
-    grades = grader.decide(probabilities)
-    m = grading_metrics(truth, probabilities, grades)
+def _row(name: str, truth: np.ndarray, grades: np.ndarray, shift: str = "", note: str = "") -> None:
+    m = grading_metrics(truth, np.eye(5)[grades], grades)
     counts = "/".join(map(str, m["predicted_counts"]))
-    print(f"| {name} | {m['accuracy']:.3f} | {m['qwk']:.3f} | {m['mae']:.3f} | {counts} | {note} |")
+    figures = f"{m['accuracy']:.3f} | {m['qwk']:.3f} | {m['mae']:.3f}"
+    print(f"| {name} | {figures} | {counts} | {shift} | {note} |", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="grader file; default: the shipped one")
-    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--adapt", action="store_true", help="also fit and cross-validate a site grader per batch")
+    parser.add_argument("--folds", type=int, default=5)
     args = parser.parse_args()
-    grader = Grader.load(args.model, precision=args.precision)
-    config = load_config(GradeConfig, overrides={"adapt_prior": True})
+    grader = Grader.load(args.model)
+    trained = load_config(GradeConfig, overrides={"batch_norm": "train"})
+    default = load_config(GradeConfig)
+    prior_config = load_config(GradeConfig, overrides={"adapt_prior": True})
     train_prior = np.asarray(grader.preprocessing.train_prior)
     print(f"grader {grader.version}\n")
-    print("| batch | accuracy | QWK | MAE | predicted KL0-4 | prior |")
-    print("|---|---|---|---|---|---|")
+    print("| batch | accuracy | QWK | MAE | predicted KL0-4 | shift score | note |")
+    print("|---|---|---|---|---|---|---|")
     for name, folder in [("clinic-kl/dev", DATA / "clinic-kl" / "dev"), ("oai val", DATA / "oai-kl224" / "val")]:
         paths, truth = labelled_files(folder)
         crops = load_crops(paths, truth)
-        probabilities = grader.predict_proba(crops.crops)
         truth = crops.kl_grades
         batches = [(name, np.arange(len(truth)))]
         if name == "oai val":
             batches += [(f"val resampled, seed {s}", resample_to_counts(truth, RESAMPLE_COUNTS, s)) for s in range(3)]
         for label, index in batches:
-            plain = probabilities[index]
-            adapted, facts = adjust_for_prior(plain, train_prior, config, grader.preprocessing.decision)
+            batch = crops.crops[index]
+            logits, shift = grade_crops(grader, batch, trained)
+            plain = grader.probabilities(logits)
+            score = f"{shift['shift_score']:.2f}" + (" (warns)" if shift["shift_warning"] else "")
+            _row(f"{label}, train statistics", truth[index], grader.decide(plain), score)
+            logits, shift = grade_crops(grader, batch, default)
+            probabilities = grader.probabilities(logits)
+            _row(f"{label}, default", truth[index], grader.decide(probabilities), score, shift["batch_norm"])
+            adapted, facts = adjust_for_prior(probabilities, train_prior, prior_config, grader.preprocessing.decision)
             test = facts["prior_test"]
             note = "applied" if test["applied"] else test.get("declined", f"not significant (p = {test['p_value']})")
-            _row(f"{label}, plain", grader, truth[index], plain)
-            _row(f"{label}, --adapt-prior", grader, truth[index], adapted, note)
+            _row(f"{label}, default --adapt-prior", truth[index], grader.decide(adapted), score, note.split(":")[0])
+            if args.adapt:
+                _adapt_row(args, label, [paths[i] for i in index], truth[index])
+
+
+def _adapt_row(args, label: str, paths: list[Path], truth: np.ndarray) -> None:
+    from kneepipe.grade.adapt import AdaptSettings, Sample, adapt_grader
+
+    grader = Grader.load(args.model)  # a fresh copy: adapt changes its batch-norm statistics
+    crops = load_crops(paths, truth)
+    sample = Sample(list(crops.paths), crops.kl_grades, crops.crops)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory() as folder:
+        facts = adapt_grader(grader, sample, Path(folder) / "site.npz", AdaptSettings(folds=args.folds))
+    after = facts["cross_validation"]["after"]
+    note = (
+        f"{args.folds}-fold CV, 95% CI accuracy {after['accuracy_ci95']}, QWK {after['qwk_ci95']}; "
+        f"C {facts['method']['regularisation_C']}; {(time.monotonic() - started) / 60:.1f} min"
+    )
+    print(
+        f"| {label}, kneepipe adapt | {after['accuracy']:.3f} | {after['qwk']:.3f} | {after['mae']:.3f} "
+        f"| {'/'.join(map(str, after['predicted_counts']))} | | {note} |",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -88,6 +88,7 @@ def grade(
     summary = prior_summary(run.priors)
     if summary:
         console.print(f"grade prior: {escape(summary)}", highlight=False)
+    print_shift(run.shift)
     if run.metrics:
         m = run.metrics
         console.print(f"[bold]true vs predicted grade counts (KL0-4): {m['true_counts']} vs {m['predicted_counts']}[/]")
@@ -99,3 +100,98 @@ def grade(
     if len(run.rows) == len(run.skipped):
         fail(f"{crops}: no images found ({len(run.skipped)} other entries skipped)", EXIT_FAILED)
     raise typer.Exit(batch_exit_code([row["status"] for row in run.rows], strict, hidden))
+
+
+def print_shift(shift: dict) -> None:
+    """One line on the batch's shift score, and a warning when it is high."""
+    if not shift:
+        return
+    if shift.get("shift_score") is None:
+        console.print(f"shift score: {escape(shift.get('shift_note', 'not computed'))}", highlight=False)
+        return
+    console.print(
+        f"shift score {shift['shift_score']:.2f} (warns above {shift['shift_warn_above']}); "
+        f"batch-norm statistics {shift.get('batch_norm', 'as trained')}",
+        highlight=False,
+    )
+    if shift["shift_warning"]:
+        console.print(f"[bold yellow]warning[/] {escape(shift['shift_note'])}", highlight=False)
+
+
+def adapt(
+    labelled: Annotated[
+        Path, typer.Argument(help="The site's labelled knee crops: folders 0/..4/, or a CSV with image,kl_grade.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The site grader file to write (.npz); a card goes beside.")],
+    model: Annotated[str | None, typer.Option("--model", help="The grader to adapt; default: the shipped one.")] = None,
+    folds: Annotated[int, typer.Option(help="Cross-validation folds for the measured figures.", min=2, max=20)] = 5,
+    batch_norm: Annotated[
+        bool, typer.Option("--batch-norm/--no-batch-norm", help="Also re-estimate batch-norm statistics on the site.")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the folds and the bootstrap.")] = 0,
+    verbose: VerboseOption = False,
+) -> None:
+    """Fit a site grader from a small labelled sample of a clinic's own knees, with cross-validated figures.
+
+    Writes OUT (use it with `kneepipe grade/run --model OUT`) and OUT's model card (.md).
+    Exit code 0 when written, 1 when the sample is refused (too small, grades missing) or unreadable.
+    """
+    from kneepipe.runtime import native_logs_hidden, set_verbosity
+
+    set_verbosity(verbose)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from kneepipe.grade.adapt import AdaptSettings, SampleError, adapt_grader, load_sample
+    from kneepipe.grade.predict import Grader
+
+    if out.suffix != ".npz":
+        fail(f"{out}: a grader file is an .npz")
+    try:  # before minutes of work: the output folder must take the file
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.with_name(f".{out.name}.probe")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        fail(f"cannot write {out}: {err.strerror or err}")
+    try:
+        with native_logs_hidden():
+            grader = Grader.load(model)
+    except (OSError, ValueError) as err:
+        fail(f"cannot load the grader: {err}")
+    if grader.is_site_grader:
+        fail(f"{grader.path}: already a site grader; adapt the grader it was made from")
+    settings = AdaptSettings(folds=folds, adapt_batch_norm=batch_norm, seed=seed)
+    try:
+        sample = load_sample(labelled, grader.preprocessing.crop_size, folds)
+    except SampleError as err:
+        fail(str(err))
+    for path, reason in sample.unreadable:
+        console.print(f"[yellow]left out[/] {escape(str(path))}: {escape(reason)}", highlight=False)
+    console.print(f"site sample: {len(sample.grades)} knees, KL0-4 counts {sample.counts}")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(step: str, done: int, total: int) -> None:
+            if step not in tasks:
+                tasks[step] = bar.add_task(step, total=total)
+            bar.update(tasks[step], completed=done, total=total)
+
+        try:
+            with native_logs_hidden():
+                facts = adapt_grader(grader, sample, out, settings, progress)
+        except OSError as err:
+            fail(f"cannot write {out}: {err.strerror or err}")
+    cv = facts["cross_validation"]
+    console.print(f"{folds}-fold cross-validation on the sample (out-of-fold grades, bootstrap 95% intervals):")
+    for name in ("before", "after"):
+        f = cv[name]
+        console.print(
+            f"  {name:6s} accuracy {f['accuracy']:.3f} [{f['accuracy_ci95'][0]:.3f}, {f['accuracy_ci95'][1]:.3f}]  "
+            f"QWK {f['qwk']:.3f} [{f['qwk_ci95'][0]:.3f}, {f['qwk_ci95'][1]:.3f}]  MAE {f['mae']:.3f}  "
+            f"predicted KL0-4 {f['predicted_counts']} (true {f['true_counts']})"
+        )
+    console.print(
+        f"site grader -> {escape(str(out))}, card -> {escape(str(out.with_suffix('.md')))} ({facts['minutes']} min)",
+        highlight=False,
+    )

@@ -23,6 +23,9 @@ class GradeConfig:
     adapt_prior_alpha: float = field(metadata=rule(range=(0, 1)))
     adapt_prior_max_ratio: float = field(metadata=rule(range=(1, 1000)))
     prior: str | None
+    shift_warn: float = field(metadata=rule(range=(0, 100)))
+    batch_norm: str = field(metadata=rule(choices=["train", "batch", "auto"]))
+    batch_norm_min_crops: int = field(metadata=rule(range=(8, 100000)))
 
     # Training.
     data: str | None
@@ -39,6 +42,8 @@ class GradeConfig:
     weight_decay: float = field(metadata=rule(range=(0, 1)))
     label_smoothing: float = field(metadata=rule(range=(0, 0.5)))
     dropout: float = field(metadata=rule(range=(0, 0.9)))
+    backbone_width: float = field(metadata=rule(range=(0.01, 1.0)))
+    backbone_middle_blocks: int = field(metadata=rule(range=(0, 8)))
     class_weighting: str = field(metadata=rule(choices=["none", "sqrt_inverse", "inverse"]))
     train_precision: str = field(metadata=rule(choices=["float32", "mixed_bfloat16"]))
     hflip: float = field(metadata=rule(range=(0, 1)))

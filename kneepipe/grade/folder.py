@@ -17,7 +17,8 @@ import numpy as np
 from kneepipe.config import save_config
 from kneepipe.files import write_csv_atomic
 from kneepipe.grade.config import GradeConfig
-from kneepipe.grade.data import grade_from_path
+from kneepipe.grade.data import fit_crop, grade_from_path
+from kneepipe.grade.features import statistics_of
 from kneepipe.grade.model import decide_grades
 from kneepipe.imaging import ImageReadError, list_inputs, read_radiograph
 from kneepipe.metrics import grading_metrics
@@ -32,6 +33,7 @@ class GradeRun:
     rows: list[dict[str, Any]]
     metrics: dict[str, Any] | None = None
     priors: dict[str, Any] = field(default_factory=dict)
+    shift: dict[str, Any] = field(default_factory=dict)
 
     @property
     def refused(self) -> list[dict[str, Any]]:
@@ -104,7 +106,7 @@ def label_shift_guard(
     """
     advice = (
         "the images differ from the training data, not only the grade mix; grades kept unadapted. "
-        "Check the grades against a labelled sample of this site before using them, "
+        "fit a site grader on a labelled sample of this site's knees with `kneepipe adapt`, "
         "or give its known grade mix with --prior"
     )
     ratio = np.asarray(prior) / np.asarray(train_prior)
@@ -168,10 +170,79 @@ def grade_folder(
     files = listing.files
     root = crops_root if crops_root.is_dir() else crops_root.parent
 
+    rows, graded_index, logits, features, sample = _grade_files(files, root, grader, config, progress)
+    shift = batch_shift(grader, features, config)
+    if _use_batch_statistics(shift, len(graded_index), config):
+        # The images are unlike the training data: grade again with normalisation statistics
+        # re-estimated on this batch (AdaBN); the grader keeps its own statistics afterwards.
+        with statistics_of(grader, sample, seed=config.seed):
+            rows, graded_index, logits, _, _ = _grade_files(files, root, grader, config, progress)
+        shift["batch_norm"] = f"re-estimated on {len(sample)} crops of this batch"
+    else:
+        shift["batch_norm"] = "as trained"
+    raw = grader.probabilities(logits, calibrated=False)
+    probabilities = grader.probabilities(logits, calibrated=config.calibrated)
+    train_prior = np.asarray(grader.preprocessing.train_prior, dtype=float)
+    final, priors = adjust_for_prior(probabilities, train_prior, config, grader.preprocessing.decision)
+    decided = grader.decide(final)
+    for i, p, kl_grade in zip(graded_index, final, decided, strict=True):
+        rows[i]["kl_grade"] = int(kl_grade)
+        rows[i].update({f"p{g}": f"{p[g]:.4f}" for g in range(5)})
+    for entry in listing.skipped:  # every entry gets a row: these are not read, and say why
+        rows.append({"crop": str(entry.path), "status": "skipped", "message": entry.reason, "hidden": entry.hidden})
+    write_csv_atomic(out_dir / "grades.csv", GRADES_COLUMNS, rows)
+
+    run = GradeRun(rows, priors=priors, shift=shift)
+    true = np.array([rows[i]["true_grade"] for i in graded_index], dtype=int)
+    if len(true) and (true >= 0).all():
+        metrics = grading_metrics(true, final, decided)
+        metrics["decision"] = grader.preprocessing.decision
+        metrics["ece_uncalibrated"] = grading_metrics(true, raw)["ece"]
+        metrics["ece_calibrated"] = grading_metrics(true, probabilities)["ece"]
+        metrics["temperature"] = grader.preprocessing.temperature if config.calibrated else 1.0
+        metrics["class_bias"] = [round(b, 4) for b in grader.preprocessing.class_bias] if config.calibrated else None
+        metrics["grader"] = grader.version
+        metrics["refused"] = len(run.refused)
+        metrics.update(priors)
+        metrics.update(shift)
+        run.metrics = metrics
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    else:
+        (out_dir / "metrics.json").write_text(json.dumps({"n": len(graded_index), **priors, **shift}, indent=2))
+    return run
+
+
+def grade_crops(grader, crops, config: GradeConfig) -> tuple[np.ndarray, dict[str, Any]]:
+    """Logits of in-memory crops and the batch's shift facts, with batch-norm statistics as ``config`` says.
+
+    The same rule as :func:`grade_folder`, for crops already decoded (benchmarks, the pipeline's tools).
+    """
+    logits, features = grader.predict_with_features(crops, config.batch)
+    shift = batch_shift(grader, features, config)
+    if _use_batch_statistics(shift, len(crops), config):
+        pick = np.random.default_rng(config.seed).permutation(len(crops))[:BATCH_NORM_SAMPLE]
+        with statistics_of(grader, [crops[i] for i in pick], seed=config.seed):
+            logits = grader.predict_logits(crops, config.batch)
+        shift["batch_norm"] = f"re-estimated on {len(pick)} crops of this batch"
+    else:
+        shift["batch_norm"] = "as trained"
+    return logits, shift
+
+
+# Crops kept in memory for re-estimating batch-norm statistics (a random sample of a larger batch).
+BATCH_NORM_SAMPLE = 1024
+
+
+def _grade_files(files, root: Path, grader, config: GradeConfig, progress):
+    """Read and grade ``files`` in batches: rows, indices of graded rows, logits, pooled features, and a
+    random sample of up to :data:`BATCH_NORM_SAMPLE` crops (for batch-norm statistics)."""
     rows: list[dict[str, Any]] = []
     graded_index: list[int] = []
-    uncalibrated: list[np.ndarray] = []
-    calibrated: list[np.ndarray] = []
+    logits: list[np.ndarray] = []
+    features: list[np.ndarray] = []
+    sample: list[np.ndarray] = []
+    rng = np.random.default_rng(config.seed)
+    seen = 0
     for start in range(0, len(files), config.batch):
         batch_crops = []
         for path in files[start : start + config.batch]:
@@ -189,38 +260,38 @@ def grade_folder(
                 row.update(status="error", message=err.reason)
             rows.append(row)
         if batch_crops:
-            logits = grader.predict_logits(batch_crops, batch_size=config.batch)
-            uncalibrated.append(grader.probabilities(logits, calibrated=False))
-            calibrated.append(grader.probabilities(logits, calibrated=config.calibrated))
+            batch_logits, batch_features = grader.predict_with_features(batch_crops, batch_size=config.batch)
+            logits.append(batch_logits)
+            features.append(batch_features)
+            for crop in batch_crops:  # reservoir sampling: every crop equally likely to be kept
+                crop = fit_crop(crop, grader.preprocessing.crop_size)
+                if len(sample) < BATCH_NORM_SAMPLE:
+                    sample.append(crop)
+                elif (slot := rng.integers(0, seen + 1)) < BATCH_NORM_SAMPLE:
+                    sample[slot] = crop
+                seen += 1
         if progress:
             progress(min(start + config.batch, len(files)), len(files))
+    units = 5 if grader.preprocessing.head == "softmax" else 4
+    return (
+        rows,
+        graded_index,
+        np.concatenate(logits) if logits else np.empty((0, units), np.float32),
+        np.concatenate(features) if features else np.empty((0, 0), np.float32),
+        sample,
+    )
 
-    raw = np.concatenate(uncalibrated) if uncalibrated else np.empty((0, 5))
-    probabilities = np.concatenate(calibrated) if calibrated else np.empty((0, 5))
-    train_prior = np.asarray(grader.preprocessing.train_prior, dtype=float)
-    final, priors = adjust_for_prior(probabilities, train_prior, config, grader.preprocessing.decision)
-    decided = grader.decide(final)
-    for i, p, kl_grade in zip(graded_index, final, decided, strict=True):
-        rows[i]["kl_grade"] = int(kl_grade)
-        rows[i].update({f"p{g}": f"{p[g]:.4f}" for g in range(5)})
-    for entry in listing.skipped:  # every entry gets a row: these are not read, and say why
-        rows.append({"crop": str(entry.path), "status": "skipped", "message": entry.reason, "hidden": entry.hidden})
-    write_csv_atomic(out_dir / "grades.csv", GRADES_COLUMNS, rows)
 
-    run = GradeRun(rows, priors=priors)
-    true = np.array([rows[i]["true_grade"] for i in graded_index], dtype=int)
-    if len(true) and (true >= 0).all():
-        metrics = grading_metrics(true, final, decided)
-        metrics["decision"] = grader.preprocessing.decision
-        metrics["ece_uncalibrated"] = grading_metrics(true, raw)["ece"]
-        metrics["ece_calibrated"] = grading_metrics(true, probabilities)["ece"]
-        metrics["temperature"] = grader.preprocessing.temperature if config.calibrated else 1.0
-        metrics["class_bias"] = [round(b, 4) for b in grader.preprocessing.class_bias] if config.calibrated else None
-        metrics["grader"] = grader.version
-        metrics["refused"] = len(run.refused)
-        metrics.update(priors)
-        run.metrics = metrics
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    elif priors.keys() - {"train_prior"}:
-        (out_dir / "metrics.json").write_text(json.dumps({"n": len(graded_index), **priors}, indent=2))
-    return run
+def batch_shift(grader, features: np.ndarray, config: GradeConfig) -> dict[str, Any]:
+    """The batch's shift score against the grader's training statistics, as facts for the outputs."""
+    from kneepipe.grade.shift import shift_facts, shift_score
+
+    reference, reason = grader.shift_reference()
+    score = shift_score(features, reference) if reference is not None else None
+    return shift_facts(score, len(features), config.shift_warn, reason)
+
+
+def _use_batch_statistics(shift: dict[str, Any], n: int, config: GradeConfig) -> bool:
+    if config.batch_norm == "train" or n < config.batch_norm_min_crops:
+        return False
+    return config.batch_norm == "batch" or bool(shift.get("shift_warning"))

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from kneepipe.grade.data import fit_crop, network_input, resize_all
+from kneepipe.grade.features import backbone_of, pooled_feature_model, pooled_features
+from kneepipe.grade.head import LinearHead
 from kneepipe.grade.model import decide_grades, file_digest, load_grader, probabilities_from_logits
 from kneepipe.runtime import import_keras
 
@@ -26,14 +28,18 @@ log = logging.getLogger(__name__)
 class Grader:
     """A loaded KL grader: its network, its preprocessing record and its version."""
 
-    def __init__(self, model, preprocessing, path: Path, precision: str = "float32"):
+    def __init__(self, model, preprocessing, path: Path, precision: str = "float32", head: LinearHead | None = None):
         self.model = model
         self.preprocessing = preprocessing
         self.path = path
         self.precision = precision
         self.version = f"{path.name}@{file_digest(path)}"
+        # What turns pooled features into logits: a site grader's head over every block, or the network's own.
+        self.head = head or LinearHead.of_network(model)
         self._feature_model = None
         self._lock = threading.Lock()  # one network, shared by the pipeline's grading threads
+        self._map_model = None
+        self._reference: tuple | None = None
 
     @classmethod
     def load(cls, path: str | Path | None = None, precision: str = "float32") -> Grader:
@@ -42,7 +48,20 @@ class Grader:
         if not path.exists():
             raise FileNotFoundError(f"grader file not found: {path}")
         model, preprocessing = load_grader(path, dtype=precision)
-        return cls(model, preprocessing, path, precision)
+        return cls(model, preprocessing, path, precision, head=LinearHead.read(path))
+
+    @property
+    def is_site_grader(self) -> bool:
+        """True for a grader fitted to a site by ``kneepipe adapt``."""
+        return "site" in self.preprocessing.extra
+
+    def shift_reference(self):
+        """The training statistics of this grader's features, or None and why (see :mod:`kneepipe.grade.shift`)."""
+        if self._reference is None:
+            from kneepipe.grade.shift import read_reference
+
+            self._reference = read_reference(self.path, file_digest(self.path))
+        return self._reference
 
     def prepare(self, crops: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
         """Crops (2-D uint8, any size) -> the network's input, as the stored preprocessing says."""
@@ -52,13 +71,28 @@ class Grader:
 
     def predict_logits(self, crops: Sequence[np.ndarray] | np.ndarray, batch_size: int = 32) -> np.ndarray:
         """Raw network outputs for a batch of crops."""
+        return self.predict_with_features(crops, batch_size)[0]
+
+    def predict_with_features(
+        self, crops: Sequence[np.ndarray] | np.ndarray, batch_size: int = 32
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Raw outputs ``(n, units)`` and the pooled last-layer features ``(n, 2048)`` of a batch of crops.
+
+        The features feed the batch's shift score (:mod:`kneepipe.grade.shift`).
+        """
         if len(crops) == 0:
-            return np.empty((0, 5 if self.preprocessing.head == "softmax" else 4), np.float32)
-        outputs = []
+            units = 5 if self.preprocessing.head == "softmax" else 4
+            return np.empty((0, units), np.float32), np.empty((0, 0), np.float32)
+        if self._feature_model is None:
+            self._feature_model = pooled_feature_model(self.model, self.head.layers)
+        logits, pooled = [], []
         for start in range(0, len(crops), batch_size):
             x = self.prepare(crops[start : start + batch_size])
-            outputs.append(np.asarray(self.model.predict_on_batch(x), dtype=np.float32))
-        return np.concatenate(outputs)
+            features = pooled_features(self._feature_model, x)
+            mirrored = pooled_features(self._feature_model, x[:, :, ::-1]) if self.head.mirror else None
+            logits.append(self.head.site_logits(features, mirrored))
+            pooled.append(features[-1])
+        return np.concatenate(logits).astype(np.float32), np.concatenate(pooled)
 
     def grade_each(self, crops: Sequence[np.ndarray], batch_size: int = 32) -> list[np.ndarray | str]:
         """Raw outputs per crop, or for a crop the grader fails on, the reason; safe to call from threads.
@@ -103,23 +137,26 @@ class Grader:
     def gradcam(self, crop: np.ndarray, grade: int | None = None) -> np.ndarray:
         """Grad-CAM heat map (crop-sized, 0-1) of what drove the grade of one crop.
 
-        Uses the last convolutional block of Xception. For the CORN head the score is
+        Uses the last activation map of Xception (a site grader's head also reads earlier blocks;
+        the gradient flows through them all). For the CORN head the score is
         the summed ordinal logits (expected-grade direction) unless ``grade`` is given.
         """
         import tensorflow as tf
 
         keras = import_keras()
-        if self._feature_model is None:  # built once: the report asks for a map per knee
-            backbone = next(layer for layer in self.model.layers if isinstance(layer, keras.Model))
-            self._feature_model = keras.Model(backbone.inputs, backbone.get_layer("block14_sepconv2_act").output)
-        feature_model = self._feature_model
+        if self._map_model is None:  # built once: the report asks for a map per knee
+            backbone = backbone_of(self.model)
+            maps = keras.Model(backbone.inputs, [backbone.get_layer(n).output for n in self.head.layers])
+            crops = keras.Input(shape=self.model.inputs[0].shape[1:])
+            outputs = maps(self.model.get_layer("scale")(crops))
+            self._map_model = keras.Model(crops, outputs if isinstance(outputs, list | tuple) else [outputs])
         x = tf.convert_to_tensor(self.prepare([crop]))
         with tf.GradientTape() as tape:
-            scaled = self.model.get_layer("scale")(x)
-            features = feature_model(scaled, training=False)
+            maps = self._map_model(x, training=False)
+            maps = list(maps) if isinstance(maps, list | tuple) else [maps]
+            features = maps[-1]  # the last activation map: Grad-CAM's layer
             tape.watch(features)
-            pooled = keras.ops.mean(features, axis=(1, 2))
-            logits = self.model.get_layer("logits")(pooled)
+            logits = self.head.logits_tensor([keras.ops.mean(m, axis=(1, 2)) for m in maps])
             if self.preprocessing.head == "softmax":
                 target = int(np.argmax(logits[0])) if grade is None else grade
                 score = logits[:, target]

@@ -1,0 +1,89 @@
+"""The linear head that turns pooled features into a grader's logits.
+
+The shipped grader's head is its network's last dense layer on the pooled last
+activation. A site grader (``kneepipe adapt``) replaces it by a head over the pooled
+output of every Xception block, standardised with the site sample's statistics, so that
+a small labelled sample can re-weight texture and edge features of every depth that the
+last layer alone no longer separates on another X-ray system. Its arrays live in the
+grader file (``site_layers``, ``site_mean``, ``site_scale``, ``site_coef``, ``site_intercept``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kneepipe.grade.features import LAST_LAYER
+
+
+@dataclass(frozen=True)
+class LinearHead:
+    """``logits = ((concat(features) - mean) / scale) @ coef.T + intercept``."""
+
+    layers: tuple[str, ...]
+    coef: np.ndarray  # (units, total features)
+    intercept: np.ndarray  # (units,)
+    mean: np.ndarray | None = None
+    scale: np.ndarray | None = None
+    mirror: bool = False  # a knee's logits are the mean of its crop's and its mirrored crop's
+
+    @classmethod
+    def of_network(cls, model) -> LinearHead:
+        """The grader network's own dense layer on the pooled last activation."""
+        kernel, bias = (np.asarray(w, dtype=np.float32) for w in model.get_layer("logits").get_weights())
+        return cls((LAST_LAYER,), kernel.T.copy(), bias)
+
+    @classmethod
+    def read(cls, path: str | Path) -> LinearHead | None:
+        """The site head stored in a grader file, or None for a plain grader."""
+        with np.load(path, allow_pickle=False) as archive:
+            if "site_coef" not in archive.files:
+                return None
+            return cls(
+                tuple(str(name) for name in archive["site_layers"]),
+                archive["site_coef"].astype(np.float32),
+                archive["site_intercept"].astype(np.float32),
+                archive["site_mean"].astype(np.float32),
+                archive["site_scale"].astype(np.float32),
+                bool(archive["site_mirror"]) if "site_mirror" in archive.files else False,
+            )
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The head as arrays for a grader file."""
+        return {
+            "site_layers": np.array(self.layers),
+            "site_coef": self.coef.astype(np.float32),
+            "site_intercept": self.intercept.astype(np.float32),
+            "site_mean": self.mean.astype(np.float32),
+            "site_scale": self.scale.astype(np.float32),
+            "site_mirror": np.array(self.mirror),
+        }
+
+    def _standardised(self, features: np.ndarray) -> np.ndarray:
+        if self.mean is None:
+            return features
+        return (features - self.mean) / self.scale
+
+    def logits(self, features: Sequence[np.ndarray]) -> np.ndarray:
+        """Logits from the pooled features of :attr:`layers`, in that order."""
+        x = np.concatenate([np.asarray(f, dtype=np.float32) for f in features], axis=1)
+        return self._standardised(x) @ self.coef.T + self.intercept
+
+    def site_logits(self, features: Sequence[np.ndarray], mirrored: Sequence[np.ndarray] | None) -> np.ndarray:
+        """Logits of crops, averaged with their mirrored crops' when the head says so and they are given."""
+        if self.mirror and mirrored is not None:
+            return (self.logits(features) + self.logits(mirrored)) / 2
+        return self.logits(features)
+
+    def logits_tensor(self, features: Sequence):
+        """:meth:`logits` on backend tensors (for gradients, e.g. Grad-CAM)."""
+        from kneepipe.runtime import import_keras
+
+        ops = import_keras().ops
+        x = ops.concatenate([ops.cast(f, "float32") for f in features], axis=1)
+        if self.mean is not None:
+            x = (x - self.mean) / self.scale
+        return ops.matmul(x, self.coef.T) + self.intercept
