@@ -79,3 +79,50 @@ def test_training_precision_is_restored_after_the_run():
         assert keras.config.dtype_policy().name == "mixed_bfloat16"
         raise RuntimeError("a run that fails")
     assert keras.config.dtype_policy().name == before
+
+
+TINY_RUN = {
+    "epochs": 2,
+    "sizes": [71],
+    "size_epochs": [],
+    "train_precision": "float32",
+    "train_batch": 8,
+    "max_train_images": 8,
+    "max_val_images": 5,
+    "lr": 0.001,
+    "warmup_epochs": 0.0,
+    "backbone_width": 0.0625,  # a tiny Xception, built by the same code as the shipped one
+    "backbone_middle_blocks": 1,
+}
+
+
+def test_a_tiny_grader_trains_resumes_after_a_kill_and_calibrates(tmp_path, oai_dir, monkeypatch):
+    """The CPU trainer's logic in seconds: the slow tier trains the full network the same way."""
+    from kneepipe.config import load_config
+    from kneepipe.grade.config import GradeConfig
+    from kneepipe.grade.model import read_preprocessing
+    from kneepipe.grade.predict import Grader
+    from kneepipe.training import grader as trainer
+    from kneepipe.training.calibrate import calibrate_grader
+
+    config = load_config(GradeConfig, overrides={**TINY_RUN, "data": str(oai_dir)})
+    run = tmp_path / "run"
+    real_batches = trainer._batches
+
+    def killed_in_epoch_two(*args, **kwargs):
+        if args[4] == 1:  # the 0-based epoch
+            raise KeyboardInterrupt("simulated kill")
+        return real_batches(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_batches", killed_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train_grader(config, run)
+    monkeypatch.setattr(trainer, "_batches", real_batches)
+    trainer.train_grader(config, run)  # the same call again resumes
+    with open(run / "metrics.csv", newline="") as handle:
+        assert [int(row["epoch"]) for row in csv.DictReader(handle)] == [1, 2]
+    record = read_preprocessing(run / "last.npz")
+    assert record.architecture_args == {"width": 0.0625, "middle_blocks": 1} and record.input_size == 71
+    assert calibrate_grader(run / "best.npz", config) > 0
+    grader = Grader.load(run / "best.npz")
+    assert grader.model.count_params() < 100_000 and grader.preprocessing.temperature != 1.0

@@ -37,6 +37,7 @@ from kneepipe.training.recipe import (
     METRIC_COLUMNS,
     RunLog,
     append_epoch,
+    architecture_args,
     best_so_far,
     epoch_record,
     grader_record,
@@ -152,7 +153,7 @@ def _train(config: GradeConfig, run_dir: Path, state: dict | None, checkpoint: P
         log(f"resumed from {checkpoint} after epoch {state['epochs_done']} (best val QWK {state['best_qwk']})")
     else:
         weights_arg = None if config.weights in (None, "none") else config.weights
-        model = build_grader(config.head, config.dropout, weights_arg)
+        model = build_grader(config.head, config.dropout, weights_arg, architecture_args=architecture_args(config))
         initial = initial_weights(config)
         if initial is not None:
             model.set_weights(initial)

@@ -40,6 +40,7 @@ from kneepipe.training.augment import AugmentationRecipe, augment_batch
 from kneepipe.training.recipe import (
     RunLog,
     append_epoch,
+    architecture_args,
     epoch_record,
     grader_record,
     initial_weights,
@@ -123,7 +124,9 @@ def train_on_gpu(
     unsupported = recipe.refused_on_device()
     if unsupported:
         raise ValueError(f"{', '.join(unsupported)}: not applied by the GPU augmentation; set to 0 or train on the CPU")
-    os.environ.setdefault("KERAS_BACKEND", "torch")
+    backend = os.environ.setdefault("KERAS_BACKEND", "torch")
+    if backend != "torch":  # said before loading another framework for nothing
+        raise RuntimeError(f"this trainer needs KERAS_BACKEND=torch (KERAS_BACKEND is {backend})")
     from kneepipe.runtime import import_keras
 
     keras = import_keras()
@@ -187,7 +190,7 @@ def _train(
     keras.utils.set_random_seed(config.seed)
     torch.manual_seed(config.seed)
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    model = build_grader(config.head, config.dropout)
+    model = build_grader(config.head, config.dropout, architecture_args=architecture_args(config))
     initial = initial_weights(config)
     if initial is not None:
         model.set_weights(initial)

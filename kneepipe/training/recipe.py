@@ -105,9 +105,28 @@ def training_prior(grades: np.ndarray) -> tuple[float, ...]:
     return tuple(float(p) for p in np.bincount(grades, minlength=len(KL_GRADES)) / len(grades))
 
 
+def architecture_args(config: GradeConfig) -> dict[str, Any]:
+    """The backbone's arguments a config asks for: none for the published Xception, else its width and depth.
+
+    >>> from kneepipe.config import load_config
+    >>> tiny = load_config(GradeConfig, overrides={"backbone_width": 0.0625, "backbone_middle_blocks": 1})
+    >>> architecture_args(load_config(GradeConfig)), architecture_args(tiny)
+    ({}, {'width': 0.0625, 'middle_blocks': 1})
+    """
+    if (config.backbone_width, config.backbone_middle_blocks) == (1.0, 8):
+        return {}
+    return {"width": float(config.backbone_width), "middle_blocks": int(config.backbone_middle_blocks)}
+
+
 def grader_record(size: int, config: GradeConfig, prior: Sequence[float], extra: dict[str, Any]) -> Preprocessing:
     """The preprocessing record written with every grader file a trainer saves."""
-    return Preprocessing(input_size=int(size), head=config.head, train_prior=tuple(prior), extra=extra)
+    return Preprocessing(
+        input_size=int(size),
+        head=config.head,
+        train_prior=tuple(prior),
+        architecture_args=architecture_args(config),
+        extra=extra,
+    )
 
 
 def initial_weights(config: GradeConfig) -> list[np.ndarray] | None:
