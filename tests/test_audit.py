@@ -273,4 +273,3 @@ def test_a_file_that_cannot_be_read_again_to_verify_is_listed_not_passed(folders
     report = audit_leakage(root / "A", copy.parent, config)
     assert [(path, "could not be read again" in reason) for path, reason in report.unreadable] == [(copy, True)]
     assert copy not in {pair.file_b for pair in report.pairs}
-
