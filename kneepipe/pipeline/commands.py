@@ -70,6 +70,10 @@ def run(
     overwrite: Annotated[
         bool | None, typer.Option("--overwrite", help="Start afresh: remove an earlier run's outputs from --out.")
     ] = None,
+    dicom: Annotated[
+        bool,
+        typer.Option("--dicom", help="Write a DICOM SR and Secondary Capture per graded DICOM film into OUT/dicom/."),
+    ] = False,
     config: ConfigOption = None,
     detect_config: Annotated[
         Path | None, typer.Option("--detect-config", help="YAML overriding configs/detect.yaml.")
@@ -175,6 +179,10 @@ def run(
             fail(f"interrupted; the same command continues where it stopped (journal in {out})")
         except OSError as err:  # the run folder cannot be written: a full disk, no permission
             fail(f"cannot write the run folder {out}: {err.strerror or err}; the same command resumes once it can")
+    if dicom:
+        from kneepipe.dicom.export import write_dicom_results
+
+        write_dicom_results(result, detector.version, grader.version)
     print_summary(result)
     hidden = sum(bool(entry["hidden"]) for entry in result.skipped)
     raise typer.Exit(batch_exit_code([row["status"] for row in result.rows], strict, hidden))
@@ -235,6 +243,10 @@ def print_summary(result) -> None:
         )
         console.print(format_metrics(m))
         console.print(f"graded knees only: accuracy {m['graded_only']['accuracy']}, QWK {m['graded_only']['qwk']}")
+    if "dicom" in s:
+        from kneepipe.dicom.export import describe_dicom_results
+
+        console.print(escape(describe_dicom_results(s["dicom"])), highlight=False)
     written = ["results.csv", "summary.json"] + (["metrics.json"] if result.metrics else [])
     written += ["report.html"] if result.report else []
     console.print(f"-> {escape(str(result.out_dir))}/: {', '.join(written)}", highlight=False)
