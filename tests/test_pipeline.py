@@ -402,13 +402,13 @@ def test_a_killed_run_resumes_without_grading_twice(tmp_path, films, models):
     detector, grader = models
     with_models = {"detector": detector, "grader": grader}
     calls = {"logits": 0}
-    real_predict = grader.predict_logits
+    real_grade = grader.grade_each
 
-    def counting_predict(crops, batch_size=32):
+    def counting_grade(crops, batch_size=32, features=None):
         calls["logits"] += len(crops)
-        return real_predict(crops, batch_size=batch_size)
+        return real_grade(crops, batch_size=batch_size, features=features)
 
-    grader.predict_logits = counting_predict
+    grader.grade_each = counting_grade
 
     class Killed(Exception):
         pass
@@ -437,9 +437,16 @@ def test_a_killed_run_resumes_without_grading_twice(tmp_path, films, models):
         knees_after = calls["logits"] - knees_before
         assert knees_after == sum(len(r["knees"]) for r in list(resumed.images.values())[4:])
 
-        run_pipeline(images, tmp_path / "fresh", *_configs(), **with_models)  # never interrupted, one step
+        fresh = run_pipeline(images, tmp_path / "fresh", *_configs(), **with_models)  # never interrupted, one step
     finally:
-        del grader.predict_logits
+        del grader.grade_each
+    # The shift score covers every knee, those graded before the kill too (their features are read back).
+    assert (
+        resumed.summary["shift"]["shift_knees"]
+        == fresh.summary["shift"]["shift_knees"]
+        == resumed.summary["knees_graded"]
+    )
+    assert resumed.summary["shift"]["shift_score"] == pytest.approx(fresh.summary["shift"]["shift_score"], abs=0.01)
     lines = (out / "journal.jsonl").read_text().splitlines()
     assert sorted(json.loads(line)["image"] for line in lines) == sorted(p.name for p in images.iterdir())
     resumed_rows, fresh_rows = read_results(out / "results.csv"), read_results(tmp_path / "fresh" / "results.csv")
@@ -467,7 +474,7 @@ def test_steps_are_graded_beside_the_detector_in_input_order(tmp_path, films, mo
 
     images, _ = films
     detector, grader = models
-    real_detect, real_predict = run_module.detect_radiographs, grader.predict_logits
+    real_detect, real_grade = run_module.detect_radiographs, grader.grade_each
     detected_steps = []
     second_step_detected = threading.Event()
     overlapped = []
@@ -478,15 +485,15 @@ def test_steps_are_graded_beside_the_detector_in_input_order(tmp_path, films, mo
             second_step_detected.set()
         return real_detect(model, radiographs)
 
-    def predict_logits(crops, batch_size=32):
+    def grade_each(crops, batch_size=32, features=None):
         # The first step's grading waits for the second step's detection. In a pipeline
         # that graded before detecting on, that detection would never come and the wait
         # would time out.
         overlapped.append(second_step_detected.wait(timeout=30))
-        return real_predict(crops, batch_size=batch_size)
+        return real_grade(crops, batch_size=batch_size, features=features)
 
     monkeypatch.setattr(run_module, "detect_radiographs", detect)
-    monkeypatch.setattr(grader, "predict_logits", predict_logits)
+    monkeypatch.setattr(grader, "grade_each", grade_each)
     out = tmp_path / "out"
     run = run_pipeline(images, out, *_configs(batch=2, grade_workers=grade_workers), detector=detector, grader=grader)
 

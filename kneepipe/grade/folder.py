@@ -172,7 +172,7 @@ def grade_folder(
 
     rows, graded_index, logits, features, sample = _grade_files(files, root, grader, config, progress)
     shift = batch_shift(grader, features, config)
-    if _use_batch_statistics(shift, len(graded_index), config):
+    if use_batch_statistics(shift, len(graded_index), config):
         # The images are unlike the training data: grade again with normalisation statistics
         # re-estimated on this batch (AdaBN); the grader keeps its own statistics afterwards.
         with statistics_of(grader, sample, seed=config.seed):
@@ -219,7 +219,7 @@ def grade_crops(grader, crops, config: GradeConfig) -> tuple[np.ndarray, dict[st
     """
     logits, features = grader.predict_with_features(crops, config.batch)
     shift = batch_shift(grader, features, config)
-    if _use_batch_statistics(shift, len(crops), config):
+    if use_batch_statistics(shift, len(crops), config):
         pick = np.random.default_rng(config.seed).permutation(len(crops))[:BATCH_NORM_SAMPLE]
         with statistics_of(grader, [crops[i] for i in pick], seed=config.seed):
             logits = grader.predict_logits(crops, config.batch)
@@ -291,7 +291,8 @@ def batch_shift(grader, features: np.ndarray, config: GradeConfig) -> dict[str, 
     return shift_facts(score, len(features), config.shift_warn, reason)
 
 
-def _use_batch_statistics(shift: dict[str, Any], n: int, config: GradeConfig) -> bool:
+def use_batch_statistics(shift: dict[str, Any], n: int, config: GradeConfig) -> bool:
+    """Whether a batch of ``n`` crops is graded with its own batch-norm statistics (``config.batch_norm``)."""
     if config.batch_norm == "train" or n < config.batch_norm_min_crops:
         return False
     return config.batch_norm == "batch" or bool(shift.get("shift_warning"))

@@ -94,25 +94,34 @@ class Grader:
             pooled.append(features[-1])
         return np.concatenate(logits).astype(np.float32), np.concatenate(pooled)
 
-    def grade_each(self, crops: Sequence[np.ndarray], batch_size: int = 32) -> list[np.ndarray | str]:
+    def grade_each(
+        self, crops: Sequence[np.ndarray], batch_size: int = 32, features: list[np.ndarray] | None = None
+    ) -> list[np.ndarray | str]:
         """Raw outputs per crop, or for a crop the grader fails on, the reason; safe to call from threads.
 
         The crops are graded together; if that fails, one at a time, so only a crop that
         fails by itself loses its grade. Calls are serialised on this grader, so threads
-        sharing it never run its network at once.
+        sharing it never run its network at once. When ``features`` is given, the pooled
+        features of the graded crops are appended to it (for the batch's shift score).
         """
         if len(crops) == 0:
             return []
         with self._lock:
             try:
-                return list(self.predict_logits(list(crops), batch_size=batch_size))
+                logits, pooled = self.predict_with_features(list(crops), batch_size=batch_size)
+                if features is not None:
+                    features.append(pooled)
+                return list(logits)
             except Exception as err:  # isolate the crop that failed below
                 reason = f"{type(err).__name__}: {err}"
                 log.warning("grading %d crops failed (%s); grading them one by one", len(crops), reason)
             graded: list[np.ndarray | str] = []
             for crop in crops:
                 try:
-                    graded.append(self.predict_logits([crop], batch_size=1)[0])
+                    logits, pooled = self.predict_with_features([crop], batch_size=1)
+                    graded.append(logits[0])
+                    if features is not None:
+                        features.append(pooled)
                 except Exception as err:
                     graded.append(f"grading failed ({type(err).__name__}: {err})")
             return graded

@@ -191,6 +191,7 @@ def run(
 def print_summary(result) -> None:
     """The end-of-run summary: what was read, graded and refused, the grades, and the metrics."""
     from kneepipe import KL_GRADES
+    from kneepipe.grade.commands import print_shift
     from kneepipe.grade.folder import prior_summary
     from kneepipe.metrics import format_metrics
 
@@ -235,6 +236,7 @@ def print_summary(result) -> None:
     prior_line = prior_summary(s.get("priors", {}))
     if prior_line:
         console.print(f"grade prior: {escape(prior_line)}", highlight=False)
+    print_shift(s.get("shift", {}))
     if result.metrics:
         m = result.metrics
         console.print(

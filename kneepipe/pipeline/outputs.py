@@ -109,12 +109,14 @@ def finish_run(
     configs: dict[str, Any] | None = None,
     skipped: Sequence[SkippedEntry] = (),
     outside_links: Sequence[str] = (),
+    shift: dict[str, Any] | None = None,
 ) -> PipelineRun:
     """Final grades over the whole batch, then ``results.csv``, summaries, metrics and the report.
 
     ``skipped`` entries (not read: not images, hidden, special files) get a row each at
     the end of ``results.csv`` and a count in the summary; ``outside_links`` names the
-    inputs read through a link that points out of the input folder.
+    inputs read through a link that points out of the input folder; ``shift`` is the
+    batch's shift score (:func:`kneepipe.pipeline.run.batch_shift_of_run`).
     """
     from kneepipe.grade.folder import adjust_for_prior
 
@@ -145,6 +147,8 @@ def finish_run(
         input=inputs,
         detector=detector_version,
         grader=grader.version,
+        site_grader=grader.is_site_grader,
+        shift=shift or {},
         priors=priors,
         resumed_images=resumed,
         processed_images=processed,
@@ -177,6 +181,7 @@ def finish_run(
             temperature=grader.preprocessing.temperature if grade_cfg.calibrated else 1.0,
             refused_files=len(run.refused),
             **priors,
+            **(shift or {}),
         )
         run.metrics, run.evaluation = metrics, outcomes
         write_csv_atomic(out_dir / "evaluation.csv", EVALUATION_COLUMNS, outcomes)

@@ -217,11 +217,16 @@ def write_report(run: PipelineRun, pipeline_cfg: PipelineConfig, grader: Grader,
     if metrics:
         stats.append(("accuracy (end to end)", f"{100 * (metrics['accuracy'] or 0):.1f}%"))
         stats.append(("QWK", metrics["qwk"]))
+    shift = summary.get("shift") or {}
+    if shift.get("shift_score") is not None:
+        stats.append(("shift score", f"{shift['shift_score']:.2f}"))
     parts.append(
         '<div class="cards">'
         + "".join(f'<div class="stat"><b>{html.escape(str(v))}</b>{html.escape(k)}</div>' for k, v in stats)
         + "</div>"
     )
+    if shift.get("shift_warning"):
+        parts.append(f'<p class="warn" id="shift-warning"><b>Warning:</b> {html.escape(shift["shift_note"])}.</p>')
 
     # The batch.
     parts.append("<h2>The batch</h2>")
@@ -292,7 +297,9 @@ def write_report(run: PipelineRun, pipeline_cfg: PipelineConfig, grader: Grader,
         "<table>"
         f"<tr><td class=l>detector</td><td class=l>{html.escape(summary['detector'])}</td></tr>"
         f"<tr><td class=l>grader</td><td class=l>{html.escape(grader.version)} (input {preprocessing.input_size} px, "
-        f"{html.escape(preprocessing.head)} head, temperature {preprocessing.temperature:.3f})</td></tr>"
+        f"{html.escape(preprocessing.head)} head, temperature {preprocessing.temperature:.3f})"
+        f"{html.escape(_site_text(preprocessing))}</td></tr>"
+        f"<tr><td class=l>shift score</td><td class=l>{html.escape(_shift_text(shift))}</td></tr>"
         f"<tr><td class=l>training grade prior</td><td class=l>{html.escape(train_prior)}</td></tr>"
         f"<tr><td class=l>prior adaptation</td><td class=l>{html.escape(adaptation)}</td></tr>"
         f"<tr><td class=l>decision rule</td><td class=l>{html.escape(_decision_text(preprocessing))}</td></tr>"
@@ -311,6 +318,29 @@ def write_report(run: PipelineRun, pipeline_cfg: PipelineConfig, grader: Grader,
     )
     path = out_dir / "report.html"
     return write_atomic(path, page)
+
+
+def _site_text(preprocessing) -> str:
+    site = preprocessing.extra.get("site")
+    if not site:
+        return ""
+    after = site["cross_validation"]["after"]
+    return (
+        f"; a site grader fitted by kneepipe adapt from {site['base_grader']} on {site['sample']['n']} knees of "
+        f"the site (cross-validated accuracy {after['accuracy']}, QWK {after['qwk']})"
+    )
+
+
+def _shift_text(shift: dict[str, Any]) -> str:
+    if not shift:
+        return "not computed"
+    if shift.get("shift_score") is None:
+        return shift.get("shift_note", "not computed")
+    verdict = "unlike the grader's training images" if shift["shift_warning"] else "like the grader's training images"
+    return (
+        f"{shift['shift_score']:.2f} over {shift.get('shift_knees', '?')} knees (warns above "
+        f"{shift['shift_warn_above']}): {verdict}; batch-norm statistics {shift.get('batch_norm', 'as trained')}"
+    )
 
 
 def _decision_text(preprocessing) -> str:

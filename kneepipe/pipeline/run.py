@@ -36,7 +36,7 @@ from kneepipe import __version__
 from kneepipe.config import save_config, to_dict
 from kneepipe.detect.predict import Detector, detect_radiographs
 from kneepipe.files import file_digest, output_keys, write_atomic
-from kneepipe.imaging import ImageReadError, Radiograph, list_inputs
+from kneepipe.imaging import ImageReadError, Radiograph, list_inputs, read_radiograph
 from kneepipe.joints import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, Detection, Joint
 from kneepipe.pipeline.config import PipelineConfig
 from kneepipe.pipeline.evaluate import read_labels
@@ -221,6 +221,7 @@ def run_pipeline(
     # threads (both frameworks release the GIL while they compute). Steps are journaled in
     # input order as they finish, so an interrupted run loses only the steps in flight.
     grading = ThreadPoolExecutor(pipeline_cfg.grade_workers, thread_name_prefix="kneepipe-grade")
+    features: list[np.ndarray] = []  # pooled features of the knees graded now, for the shift score
     in_flight: deque[Future] = deque()
 
     def settle(wait_for: int) -> None:
@@ -238,7 +239,17 @@ def run_pipeline(
             detections = _detect_step(detector, step)
             in_flight.append(
                 grading.submit(
-                    _grade_step, step, detections, names, keys, out_dir, pipeline_cfg, grade_cfg, grader, notes
+                    _grade_step,
+                    step,
+                    detections,
+                    names,
+                    keys,
+                    out_dir,
+                    pipeline_cfg,
+                    grade_cfg,
+                    grader,
+                    notes,
+                    features,
                 )
             )
             settle(wait_for=pipeline_cfg.grade_workers)
@@ -250,6 +261,7 @@ def run_pipeline(
 
     records = read_journal(journal)
     images = {names[path]: records[names[path]] for path in files}
+    shift = batch_shift_of_run(grader, grade_cfg, features, images, {names[path] for path in todo}, out_dir)
     return finish_run(
         out_dir,
         images,
@@ -271,7 +283,64 @@ def run_pipeline(
             for entry in listing.skipped
         ],
         outside_links=sorted(names[path] for path in files if path in outside),
+        shift=shift,
     )
+
+
+def batch_shift_of_run(
+    grader: Grader,
+    grade_cfg: GradeConfig,
+    features: list[np.ndarray],
+    images: dict[str, ImageRecord],
+    graded_now: set[str],
+    out_dir: Path,
+) -> dict[str, Any]:
+    """The run's shift score over all its graded knees; regrades them when it warns and ``batch_norm`` says so.
+
+    Knees graded by this call brought their features; those of a resumed run's earlier calls
+    are read back from their saved crops. When the score warns (``batch_norm: auto``) or
+    always (``batch_norm: batch``), every knee is graded again from its crop with the batch's
+    own batch-norm statistics, as ``kneepipe grade`` does; the new logits replace the
+    journaled ones in ``images`` (the journal keeps what the network gave as trained).
+    """
+    from kneepipe.grade.features import statistics_of
+    from kneepipe.grade.folder import BATCH_NORM_SAMPLE, batch_shift, use_batch_statistics
+
+    knees = [(name, knee) for name, record in images.items() for knee in record["knees"] if knee["status"] == STATUS_OK]
+    earlier = [knee for name, knee in knees if name not in graded_now]
+    earlier_crops, unreadable = _saved_crops(earlier, out_dir)
+    parts = list(features)
+    if earlier_crops:
+        parts.append(grader.predict_with_features(earlier_crops, grade_cfg.batch)[1])
+    pooled = np.concatenate(parts) if parts else np.empty((0, 0), np.float32)
+    shift = batch_shift(grader, pooled, grade_cfg)
+    shift["shift_knees"] = len(pooled)
+    shift["batch_norm"] = "as trained"
+    if not use_batch_statistics(shift, len(knees), grade_cfg):
+        return shift
+    crops, unreadable = _saved_crops([knee for _, knee in knees], out_dir)
+    if unreadable:
+        shift["batch_norm"] = f"as trained: {unreadable} crops were not saved, so the knees cannot be graded again"
+        return shift
+    pick = np.random.default_rng(grade_cfg.seed).permutation(len(crops))[:BATCH_NORM_SAMPLE]
+    with statistics_of(grader, [crops[i] for i in pick], seed=grade_cfg.seed):
+        logits = grader.predict_logits(crops, grade_cfg.batch)
+    for (_, knee), row in zip(knees, logits, strict=True):
+        knee["logits"] = [round(float(v), 6) for v in row]
+    shift["batch_norm"] = f"re-estimated on {len(pick)} crops of this batch"
+    return shift
+
+
+def _saved_crops(knees: list[KneeRecord], out_dir: Path) -> tuple[list[np.ndarray], int]:
+    """The saved crops of ``knees`` and how many could not be read."""
+    crops, missing = [], 0
+    for knee in knees:
+        try:
+            crops.append(read_radiograph(out_dir / knee["crop"]).pixels if knee["crop"] else None)
+        except ImageReadError:
+            crops.append(None)
+        missing += crops[-1] is None
+    return [c for c in crops if c is not None], missing
 
 
 def _is_inside(path: Path, folder: Path) -> bool:
@@ -321,6 +390,7 @@ def _grade_step(
     grade_cfg: GradeConfig,
     grader: Grader,
     notes: dict[str, str] | None = None,
+    features: list[np.ndarray] | None = None,
 ) -> list[ImageRecord]:
     """Grade and save one detected step of radiographs; returns their journal records.
 
@@ -329,7 +399,7 @@ def _grade_step(
     and a rerun does not meet the same failure again.
     """
     joints = [joint for detection in detections.values() for joint in detection.joints]  # in step order
-    graded = grader.grade_each([joint.crop for joint in joints], grade_cfg.batch)
+    graded = grader.grade_each([joint.crop for joint in joints], grade_cfg.batch, features)
     logits_by_joint = {id(joint): logits for joint, logits in zip(joints, graded, strict=True)}
 
     records = []
