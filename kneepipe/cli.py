@@ -17,6 +17,7 @@ from kneepipe import __version__
 from kneepipe.audit import commands as audit_commands
 from kneepipe.cli_common import EXIT_CONFIG, EXIT_CRASH, ConfigOption, OverridesArgument, console, fail, resolve_config
 from kneepipe.detect import commands as detect_commands
+from kneepipe.dicom import commands as dicom_commands
 from kneepipe.grade import commands as grade_commands
 from kneepipe.pipeline import commands as pipeline_commands
 from kneepipe.serve import commands as serve_commands
@@ -74,6 +75,7 @@ STAGES = {
     "pipeline": "kneepipe.pipeline.config:PipelineConfig",
     "audit": "kneepipe.audit.config:AuditConfig",
     "serve": "kneepipe.serve.config:ServeConfig",
+    "pacs": "kneepipe.dicom.config:PacsConfig",
 }
 
 
@@ -106,6 +108,8 @@ app.command("run")(pipeline_commands.run)
 app.command("audit")(audit_commands.audit)
 app.command("split")(audit_commands.split)
 app.command("serve")(serve_commands.serve)
+app.command("listen")(dicom_commands.listen)
+app.command("send")(dicom_commands.send)
 train_app.command("detector")(training_commands.train_detector)
 train_app.command("grader")(training_commands.train_grader)
 train_app.command("pack")(training_commands.pack_crops)

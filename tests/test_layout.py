@@ -17,7 +17,7 @@ LAYERS = [
     {"kneepipe.imaging"},
     {"kneepipe.detect", "kneepipe.grade", "kneepipe.audit"},
     {"kneepipe.pipeline"},
-    {"kneepipe.training", "kneepipe.serve"},
+    {"kneepipe.training", "kneepipe.serve", "kneepipe.dicom"},
     {"kneepipe.cli", "kneepipe.cli_common"},
 ]
 TRAINING_ONLY = ("albumentations",)
