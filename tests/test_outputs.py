@@ -133,18 +133,18 @@ def test_a_crop_the_grader_fails_on_costs_only_its_own_grade(caplog):
     grader._lock = threading.Lock()
     running, overlapped = [], []
 
-    def predict_logits(crops, batch_size=32):
+    def predict_with_features(crops, batch_size=32):
         running.append(1)
         overlapped.append(len(running) > 1)  # two threads in the network at once
         time.sleep(0.01)
         try:
             if any(crop.max() == 255 for crop in crops):
                 raise ValueError("bad crop")
-            return np.stack([np.full(5, crop.mean(), np.float32) for crop in crops])
+            return np.stack([np.full(5, crop.mean(), np.float32) for crop in crops]), np.zeros((len(crops), 4))
         finally:
             running.pop()
 
-    grader.predict_logits = predict_logits
+    grader.predict_with_features = predict_with_features
     crops = [np.full((8, 8), v, np.uint8) for v in (10, 255, 30)]
     with caplog.at_level(logging.WARNING, logger="kneepipe"):
         graded = grader.grade_each(crops, batch_size=8)
