@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -55,6 +58,26 @@ def test_a_tiny_grader_grades_real_crops_through_the_same_code(tiny_grader_file,
     assert grader.decide(probabilities).shape == (5,)
     heat = grader.gradcam(real_crops[0], grade=2)
     assert heat.shape == real_crops[0].shape and heat.min() >= 0 and heat.max() <= 1
+
+
+def test_gradcam_on_the_torch_backend_draws_the_tensorflow_map(tiny_grader_file, real_crops, tmp_path):
+    """Keras picks its backend once per process, so the torch map is drawn by a child process."""
+    crop = real_crops[3]
+    np.save(tmp_path / "crop.npy", crop)
+    draw = (
+        "import sys, numpy as np; from kneepipe.grade.predict import Grader; "
+        "from kneepipe.runtime import import_keras; "
+        "np.save(sys.argv[3], Grader.load(sys.argv[1]).gradcam(np.load(sys.argv[2]), grade=2)); "
+        "print(import_keras().backend.backend())"
+    )
+    command = [sys.executable, "-c", draw, str(tiny_grader_file), str(tmp_path / "crop.npy"), str(tmp_path / "cam.npy")]
+    environment = {**os.environ, "KERAS_BACKEND": "torch", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.split()[-1] == "torch", result.stderr[-3000:]
+    on_torch = np.load(tmp_path / "cam.npy")
+    on_tensorflow = Grader.load(tiny_grader_file).gradcam(crop, grade=2)
+    assert on_torch.shape == crop.shape and on_torch.min() >= 0 and on_torch.max() <= 1
+    assert on_tensorflow.std() > 0 and np.corrcoef(on_torch.ravel(), on_tensorflow.ravel())[0, 1] > 0.99
 
 
 def test_the_records_resize_rule_is_the_one_inference_applies(tiny_grader_file):

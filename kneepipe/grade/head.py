@@ -84,6 +84,6 @@ class LinearHead:
 
         ops = import_keras().ops
         x = ops.concatenate([ops.cast(f, "float32") for f in features], axis=1)
-        if self.mean is not None:
-            x = (x - self.mean) / self.scale
-        return ops.matmul(x, self.coef.T) + self.intercept
+        if self.mean is not None:  # through ops: a torch tensor does not take numpy operands
+            x = ops.divide(ops.subtract(x, self.mean), self.scale)
+        return ops.add(ops.matmul(x, self.coef.T), self.intercept)

@@ -149,9 +149,22 @@ class Grader:
         Uses the last activation map of Xception (a site grader's head also reads earlier blocks;
         the gradient flows through them all). For the CORN head the score is
         the summed ordinal logits (expected-grade direction) unless ``grade`` is given.
+        Runs on the Keras backend of the process: TensorFlow (a gradient tape) or torch (autograd).
         """
-        import tensorflow as tf
+        keras = import_keras()
+        x = self.prepare([crop])
+        if keras.backend.backend() == "torch":
+            cam = self._gradcam_torch(x, grade)
+        else:
+            cam = self._gradcam_tensorflow(x, grade)
+        if cam.max() > 0:
+            cam /= cam.max()
+        import cv2
 
+        return cv2.resize(cam, (crop.shape[1], crop.shape[0]), interpolation=cv2.INTER_CUBIC).clip(0, 1)
+
+    def _activation_maps(self, x) -> list:
+        """The activation maps of the head's layers for network input ``x``, Grad-CAM's layer last."""
         keras = import_keras()
         if self._map_model is None:  # built once: the report asks for a map per knee
             backbone = backbone_of(self.model)
@@ -159,23 +172,41 @@ class Grader:
             crops = keras.Input(shape=self.model.inputs[0].shape[1:])
             outputs = maps(self.model.get_layer("scale")(crops))
             self._map_model = keras.Model(crops, outputs if isinstance(outputs, list | tuple) else [outputs])
-        x = tf.convert_to_tensor(self.prepare([crop]))
+        maps = self._map_model(x, training=False)
+        return list(maps) if isinstance(maps, list | tuple) else [maps]
+
+    def _gradcam_score(self, maps: list, grade: int | None):
+        """The score whose gradient Grad-CAM follows: the head's logits on the pooled ``maps``."""
+        keras = import_keras()
+        logits = self.head.logits_tensor([keras.ops.mean(m, axis=(1, 2)) for m in maps])
+        if self.preprocessing.head == "softmax":
+            target = int(np.argmax(keras.ops.convert_to_numpy(logits[0]))) if grade is None else grade
+            return logits[:, target]
+        return keras.ops.sum(logits, axis=1)
+
+    def _gradcam_tensorflow(self, x: np.ndarray, grade: int | None) -> np.ndarray:
+        import tensorflow as tf
+
         with tf.GradientTape() as tape:
-            maps = self._map_model(x, training=False)
-            maps = list(maps) if isinstance(maps, list | tuple) else [maps]
+            maps = self._activation_maps(tf.convert_to_tensor(x))
             features = maps[-1]  # the last activation map: Grad-CAM's layer
             tape.watch(features)
-            logits = self.head.logits_tensor([keras.ops.mean(m, axis=(1, 2)) for m in maps])
-            if self.preprocessing.head == "softmax":
-                target = int(np.argmax(logits[0])) if grade is None else grade
-                score = logits[:, target]
-            else:
-                score = keras.ops.sum(logits, axis=1)
+            score = self._gradcam_score(maps, grade)
         gradients = tape.gradient(score, features)
         channel_weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
-        cam = tf.nn.relu(tf.reduce_sum(channel_weights * features, axis=-1))[0].numpy().astype(np.float32)
-        if cam.max() > 0:
-            cam /= cam.max()
-        import cv2
+        return tf.nn.relu(tf.reduce_sum(channel_weights * features, axis=-1))[0].numpy().astype(np.float32)
 
-        return cv2.resize(cam, (crop.shape[1], crop.shape[0]), interpolation=cv2.INTER_CUBIC).clip(0, 1)
+    def _gradcam_torch(self, x: np.ndarray, grade: int | None) -> np.ndarray:
+        import torch
+
+        keras = import_keras()
+        with torch.enable_grad():  # also when called under torch.no_grad()
+            # An input that asks for gradients keeps the graph even where the weights are frozen.
+            inputs = keras.ops.convert_to_tensor(x).requires_grad_(True)
+            maps = self._activation_maps(inputs)
+            features = maps[-1]  # the last activation map (an intermediate tensor): Grad-CAM's layer
+            score = self._gradcam_score(maps, grade)
+            (gradients,) = torch.autograd.grad(score.sum(), features)
+        channel_weights = gradients.mean(dim=(1, 2), keepdim=True)
+        cam = torch.relu((channel_weights * features.detach()).sum(dim=-1))[0]
+        return keras.ops.convert_to_numpy(cam).astype(np.float32)
