@@ -52,6 +52,8 @@ train_app = typer.Typer(help="Train a stage: the joint detector or the KL grader
 app.add_typer(train_app, name="train")
 evaluate_app = typer.Typer(help="Measure a model for its card.", no_args_is_help=True)
 app.add_typer(evaluate_app, name="evaluate")
+export_app = typer.Typer(help="Compile a model for faster CPU inference.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
 
 
 def _version(value: bool) -> None:
@@ -112,6 +114,7 @@ app.command("listen")(dicom_commands.listen)
 app.command("send")(dicom_commands.send)
 train_app.command("detector")(training_commands.train_detector)
 train_app.command("grader")(training_commands.train_grader)
+export_app.command("grader")(grade_commands.export_grader)
 train_app.command("pack")(training_commands.pack_crops)
 train_app.command("average")(training_commands.average_graders)
 train_app.command("calibrate")(training_commands.calibrate_grader)

@@ -19,6 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import yaml
 from conftest import ANNOTATIONS
 from dicom_files import make_dicom, save_dicom
 from typer.testing import CliRunner
@@ -589,6 +590,9 @@ def test_clinical_radiographs_with_a_report(tmp_path, radiographs_dir):
     for refused in summary["refused_files"]:
         assert refused["image"] in page
     assert "stage_1" in page and "Refused files" in page and summary["grader"] in page
+    # The CPU default: the compiled INT8 grader, named in the report and in args.yaml.
+    assert "openvino int8 (grader.int8.xml)" in page
+    assert yaml.safe_load((out / "args.yaml").read_text())["grader_runtime"] == "openvino int8 (grader.int8.xml)"
     png = tmp_path / "report.png"
     _screenshot(out / "report.html", png, tmp_path / "chromium-profile")
     shot = cv2.imread(str(png), cv2.IMREAD_GRAYSCALE)

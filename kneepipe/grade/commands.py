@@ -61,7 +61,7 @@ def grade(
 
     try:
         with native_logs_hidden():
-            grader = Grader.load(cfg.model, precision=cfg.precision)
+            grader = Grader.load(cfg.model, precision=cfg.precision, runtime=cfg.runtime)
     except (OSError, ValueError) as err:
         fail(f"cannot load the grader: {err}")
     with Progress("grading", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
@@ -195,3 +195,36 @@ def adapt(
         f"site grader -> {escape(str(out))}, card -> {escape(str(out.with_suffix('.md')))} ({facts['minutes']} min)",
         highlight=False,
     )
+
+
+def export_grader(
+    calibration: Annotated[
+        Path | None,
+        typer.Option(help="Training crops <grade>/<crop>.png to calibrate INT8 on (never val)."),
+    ] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Grader file; default: the shipped model.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="Compiled format: openvino.")] = "openvino",
+    int8: Annotated[bool, typer.Option("--int8/--float32", help="INT8 post-training quantisation.")] = True,
+    crops: Annotated[int, typer.Option(help="Calibration crops drawn from --calibration.")] = 300,
+    seed: Annotated[int, typer.Option(help="Seed of the calibration draw.")] = 0,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="The .xml; default: beside the grader.")] = None,
+    verbose: VerboseOption = False,
+) -> None:
+    """Compile a grader for the CPU (OpenVINO IR, INT8 by default) beside its grader file.
+
+    The grader file stays the float32 reference; `grade.runtime=openvino` grades with the
+    compiled network found beside it, which a record of checksums ties to that file.
+    """
+    from kneepipe.runtime import native_logs_hidden, prepare_frameworks, set_verbosity
+
+    set_verbosity(verbose)
+    prepare_frameworks()
+    from kneepipe.grade.compiled import export_grader as export
+
+    try:
+        with native_logs_hidden():
+            xml_path = export(model, calibration, fmt, int8, crops, seed, out)
+    except (OSError, ValueError) as err:
+        fail(f"cannot export the grader: {err}")
+    size = sum(p.stat().st_size for p in (xml_path, xml_path.with_suffix(".bin"))) / 1e6
+    console.print(f"wrote {escape(str(xml_path))} (+ .bin, {size:.1f} MB) and its record {xml_path.stem}.json")

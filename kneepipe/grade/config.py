@@ -18,6 +18,7 @@ class GradeConfig:
     model: str | None
     batch: int = field(metadata=rule(range=(1, 1024)))
     precision: str = field(metadata=rule(choices=["float32", "bfloat16"]))
+    runtime: str = field(metadata=rule(choices=["openvino", "keras"]))
     calibrated: bool
     adapt_prior: bool
     adapt_prior_alpha: float = field(metadata=rule(range=(0, 1)))

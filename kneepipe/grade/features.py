@@ -102,10 +102,15 @@ def set_batch_norm_statistics(model, statistics: list[list[np.ndarray]]) -> None
 
 @contextlib.contextmanager
 def statistics_of(grader, crops, seed: int = 0):
-    """Within the block, ``grader`` normalises with the statistics of ``crops`` (AdaBN); restored after."""
+    """Within the block, ``grader`` normalises with the statistics of ``crops`` (AdaBN); restored after.
+
+    The statistics change in the Keras network, so the grader grades with it within the block
+    (a compiled network keeps the statistics it was built with).
+    """
     stored = batch_norm_statistics(grader.model)
     try:
         reestimate_batch_norm(grader.model, grader.prepare(crops), seed=seed)
-        yield grader
+        with grader.keras_runtime():
+            yield grader
     finally:
         set_batch_norm_statistics(grader.model, stored)

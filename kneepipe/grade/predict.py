@@ -7,13 +7,16 @@ array([[0.61, 0.27, 0.1 , 0.02, 0.  ]])
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
+from kneepipe.grade.compiled import CompiledFeatures
 from kneepipe.grade.data import fit_crop, network_input, resize_all
 from kneepipe.grade.features import backbone_of, pooled_feature_model, pooled_features
 from kneepipe.grade.head import LinearHead
@@ -28,7 +31,16 @@ log = logging.getLogger(__name__)
 class Grader:
     """A loaded KL grader: its network, its preprocessing record and its version."""
 
-    def __init__(self, model, preprocessing, path: Path, precision: str = "float32", head: LinearHead | None = None):
+    def __init__(
+        self,
+        model,
+        preprocessing,
+        path: Path,
+        precision: str = "float32",
+        head: LinearHead | None = None,
+        compiled: CompiledFeatures | None = None,
+        runtime_note: str = "",
+    ):
         self.model = model
         self.preprocessing = preprocessing
         self.path = path
@@ -40,15 +52,51 @@ class Grader:
         self._lock = threading.Lock()  # one network, shared by the pipeline's grading threads
         self._map_model = None
         self._reference: tuple | None = None
+        # The compiled backbone (kneepipe.grade.compiled) that grades when present; the Keras network
+        # stays loaded as the reference, for Grad-CAM and for batch-norm statistics re-estimated on a batch.
+        self.compiled = compiled
+        self.runtime_note = runtime_note
+        self._keras_only = False
 
     @classmethod
-    def load(cls, path: str | Path | None = None, precision: str = "float32") -> Grader:
-        """Load a grader file (the shipped one when ``path`` is None) in ``float32`` or ``bfloat16``."""
+    def load(cls, path: str | Path | None = None, precision: str = "float32", runtime: str = "keras") -> Grader:
+        """Load a grader file (the shipped one when ``path`` is None) in ``float32`` or ``bfloat16``.
+
+        ``runtime="openvino"`` grades with the compiled network beside the grader file (INT8 for the
+        shipped one); without a valid one (a site grader, a grader never exported, a changed file) the
+        grader runs on Keras and :attr:`runtime_note` says why.
+        """
         path = Path(path) if path else DEFAULT_GRADER
         if not path.exists():
             raise FileNotFoundError(f"grader file not found: {path}")
         model, preprocessing = load_grader(path, dtype=precision)
-        return cls(model, preprocessing, path, precision, head=LinearHead.read(path))
+        head = LinearHead.read(path)
+        compiled, note = None, ""
+        if runtime != "keras":
+            if head is not None:
+                note = f"{path.name} is a site grader (a head over every block): graded on the Keras runtime"
+            else:
+                compiled, why = CompiledFeatures.find(path, LinearHead.of_network(model).layers, runtime)
+                note = "" if compiled else f"{why}: graded on the Keras runtime"
+            if note:
+                log.warning("runtime %s: %s", runtime, note)
+        return cls(model, preprocessing, path, precision, head=head, compiled=compiled, runtime_note=note)
+
+    @property
+    def runtime(self) -> str:
+        """What grades: ``openvino int8 (grader.int8.xml)``, or ``keras float32``/``keras bfloat16``."""
+        if self.compiled is not None:
+            return f"{self.compiled.record['format']} {self.compiled.record['precision']} ({self.compiled.name})"
+        return f"keras {self.precision}"
+
+    @contextlib.contextmanager
+    def keras_runtime(self) -> Iterator[None]:
+        """Within the block, grade with the Keras network (whose batch-norm statistics may be changed there)."""
+        previous, self._keras_only = self._keras_only, True
+        try:
+            yield
+        finally:
+            self._keras_only = previous
 
     @property
     def is_site_grader(self) -> bool:
@@ -83,13 +131,17 @@ class Grader:
         if len(crops) == 0:
             units = 5 if self.preprocessing.head == "softmax" else 4
             return np.empty((0, units), np.float32), np.empty((0, 0), np.float32)
-        if self._feature_model is None:
-            self._feature_model = pooled_feature_model(self.model, self.head.layers)
+        if self.compiled is not None and not self._keras_only:
+            network = self.compiled
+        else:
+            if self._feature_model is None:
+                self._feature_model = pooled_feature_model(self.model, self.head.layers)
+            network = partial(pooled_features, self._feature_model)
         logits, pooled = [], []
         for start in range(0, len(crops), batch_size):
             x = self.prepare(crops[start : start + batch_size])
-            features = pooled_features(self._feature_model, x)
-            mirrored = pooled_features(self._feature_model, x[:, :, ::-1]) if self.head.mirror else None
+            features = network(x)
+            mirrored = network(x[:, :, ::-1]) if self.head.mirror else None
             logits.append(self.head.site_logits(features, mirrored))
             pooled.append(features[-1])
         return np.concatenate(logits).astype(np.float32), np.concatenate(pooled)

@@ -299,6 +299,8 @@ def write_report(run: PipelineRun, pipeline_cfg: PipelineConfig, grader: Grader,
         f"<tr><td class=l>grader</td><td class=l>{html.escape(grader.version)} (input {preprocessing.input_size} px, "
         f"{html.escape(preprocessing.head)} head, temperature {preprocessing.temperature:.3f})"
         f"{html.escape(_site_text(preprocessing))}</td></tr>"
+        f"<tr><td class=l>grader runtime</td><td class=l>{html.escape(grader.runtime)}"
+        f"{html.escape(f'; {grader.runtime_note}' if grader.runtime_note else '')}</td></tr>"
         f"<tr><td class=l>shift score</td><td class=l>{html.escape(_shift_text(shift))}</td></tr>"
         f"<tr><td class=l>training grade prior</td><td class=l>{html.escape(train_prior)}</td></tr>"
         f"<tr><td class=l>prior adaptation</td><td class=l>{html.escape(adaptation)}</td></tr>"

@@ -99,7 +99,7 @@ def load_models(
     if grader:
         from kneepipe.grade.predict import Grader
 
-        loaded_grader = Grader.load(grade_cfg.model, precision=grade_cfg.precision)
+        loaded_grader = Grader.load(grade_cfg.model, precision=grade_cfg.precision, runtime=grade_cfg.runtime)
     if loaded_detector is not None and loaded_grader is not None:
         check_models(loaded_detector, loaded_grader)
     return loaded_detector, loaded_grader
@@ -187,6 +187,7 @@ def run_pipeline(
             "labels": str(labels) if labels else None,
             "detector": detector.version,
             "grader": grader.version,
+            "grader_runtime": grader.runtime,
             "kneepipe": __version__,
             "fingerprint": fingerprint(parts),
             "fingerprint_parts": parts,
