@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import pytest
 from pacs_films import write_films
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from typer.testing import CliRunner
 
@@ -34,9 +35,10 @@ def free_port() -> int:
 class Receiver:
     """A storage SCP that keeps what it is sent: the PACS the node sends its results to."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_pixels: bool = True) -> None:
         from pynetdicom import AE, AllStoragePresentationContexts, evt
 
+        self.keep_pixels = keep_pixels  # False: only the identifying UIDs of what arrives are kept
         self.received: list = []
         self._lock = threading.Lock()
         ae = AE(ae_title="RESULTS")
@@ -49,6 +51,11 @@ class Receiver:
     def _store(self, event) -> int:
         dataset = event.dataset
         dataset.file_meta = event.file_meta
+        if not self.keep_pixels:
+            kept = Dataset()
+            for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"):
+                setattr(kept, keyword, dataset.get(keyword))
+            dataset = kept
         with self._lock:
             self.received.append(dataset)
         return 0x0000
