@@ -142,3 +142,30 @@ def test_summary_lines_name_what_was_not_written():
     )
     assert "2 input(s) not DICOM" in lines and "1 DICOM film(s) without a graded knee" in lines
     assert "DICOM not written for x.dcm: AttributeError: no StudyInstanceUID" in lines
+
+
+@pytest.mark.slow
+def test_every_code_in_a_report_is_listed_in_the_readme(dicom_run):
+    from pathlib import Path
+
+    from kneepipe.dicom.read import codes_used
+
+    out, _, _ = dicom_run
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("### The SR's content and every code it uses") :]
+    listed = set()
+    for line in table.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`"):
+            values = [v.strip("` ") for v in cells[0].split("...")]
+            if len(values) == 2:  # a range such as `KL0` ... `KL4`
+                prefix = values[0].rstrip("0123456789")
+                first, last = int(values[0][len(prefix) :]), int(values[1][len(prefix) :])
+                listed |= {(f"{prefix}{n}", cells[1]) for n in range(first, last + 1)}
+            else:
+                listed.add((values[0], cells[1]))
+    used = set()
+    for path in (out / "dicom").glob("*_sr.dcm"):
+        used |= {(value, scheme) for value, scheme, _ in codes_used(pydicom.dcmread(path))}
+    used |= {(code.value, code.scheme_designator) for code in codes.all_codes()}
+    assert used - listed == set()

@@ -195,7 +195,7 @@ def overlay_pixels(radiograph: Radiograph, knees: Sequence[KneeRecord], version:
 
     pixels = np.repeat(radiograph.pixels[:, :, None], 3, axis=2).copy()
     height, width = pixels.shape[:2]
-    unit = max(width, height) / 1000.0
+    unit = max(max(width, height) / 1000.0, 0.6)  # legible on a small film too
     thickness = max(1, round(2 * unit))
     font = cv2.FONT_HERSHEY_SIMPLEX
     for knee in knees:

@@ -62,3 +62,19 @@ def read_report(path: str | Path) -> list[dict[str, Any]]:
             raise ValueError(f"{path}: a measurement group without a kneepipe KL grade")
         knees.append(knee)
     return knees
+
+
+def codes_used(dataset: Any) -> set[tuple[str, str, str]]:
+    """Every coded concept in an SR's content tree, as ``(value, scheme, meaning)`` (for the docs' table)."""
+    found: set[tuple[str, str, str]] = set()
+    for item in dataset.get("ContentSequence", []):
+        for keyword in ("ConceptNameCodeSequence", "ConceptCodeSequence", "MeasurementUnitsCodeSequence"):
+            for code in item.get(keyword, []):
+                found.add((str(code.CodeValue), str(code.CodingSchemeDesignator), str(code.CodeMeaning)))
+        for measured in item.get("MeasuredValueSequence", []):
+            for code in measured.get("MeasurementUnitsCodeSequence", []):
+                found.add((str(code.CodeValue), str(code.CodingSchemeDesignator), str(code.CodeMeaning)))
+        found |= codes_used(item)
+    for code in dataset.get("ConceptNameCodeSequence", []):
+        found.add((str(code.CodeValue), str(code.CodingSchemeDesignator), str(code.CodeMeaning)))
+    return found

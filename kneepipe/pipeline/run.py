@@ -187,6 +187,7 @@ def run_pipeline(
             "labels": str(labels) if labels else None,
             "detector": detector.version,
             "grader": grader.version,
+            "detector_runtime": getattr(detector, "runtime", "torch"),
             "grader_runtime": grader.runtime,
             "kneepipe": __version__,
             "fingerprint": fingerprint(parts),
