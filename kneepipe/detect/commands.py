@@ -73,3 +73,35 @@ def detect(
     if errors:
         console.print(f"[yellow]{errors} file(s) could not be processed; see joints.csv[/]")
     raise typer.Exit(batch_exit_code(summary.statuses, strict, summary.hidden_skipped))
+
+
+def export_detector(
+    model: Annotated[
+        Path | None, typer.Option("--model", help="Detector weights (.pt); default: the shipped ones.")
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="Compiled format: onnx.")] = "onnx",
+    imgsz: Annotated[
+        int, typer.Option(help="Inference size the export is traced at (the graph takes any size).")
+    ] = 416,
+    verbose: VerboseOption = False,
+) -> None:
+    """Compile the detector to ONNX beside its weights; `detect.runtime=onnx` runs it.
+
+    A record of the weights' digest and the ONNX file's checksum ties the two; the .pt file
+    stays the reference and the default (`detect.runtime=torch`).
+    """
+    from kneepipe.runtime import native_logs_hidden, prepare_frameworks, set_verbosity
+
+    set_verbosity(verbose)
+    if fmt != "onnx":
+        fail(f"format {fmt!r}: the detector exports to onnx")
+    prepare_frameworks()
+    from kneepipe.detect.compiled import export_detector as export
+
+    try:
+        with native_logs_hidden():
+            onnx_path = export(model, imgsz)
+    except (OSError, ValueError) as err:
+        fail(f"cannot export the detector: {err}")
+    size = onnx_path.stat().st_size / 1e6
+    console.print(f"wrote {escape(str(onnx_path))} ({size:.1f} MB) and its record {onnx_path.name}.json")

@@ -185,6 +185,7 @@ class JointDetector:
     config: DetectConfig
     weights: Path
     version: str
+    runtime: str = "torch"  # what runs the network: "onnx (detector.onnx)" or "torch"
     framing: ClassVar[str] = CROP_FRAMING  # how its crops are cut (kneepipe.detect.framing)
 
     @classmethod
@@ -210,11 +211,20 @@ class JointDetector:
         prepare_frameworks()
         from ultralytics import YOLO
 
+        runtime = "torch"
+        if config.runtime == "onnx" and weights.suffix == ".pt":
+            from kneepipe.detect.compiled import find_compiled
+
+            compiled, why = find_compiled(weights)
+            if compiled is None:
+                log.warning("detect.runtime onnx: %s: detecting with PyTorch", why)
+            else:
+                weights, runtime = compiled, f"onnx ({compiled.name})"
         model = YOLO(str(weights), task="detect")
         names = [str(model.names[i]) for i in sorted(model.names)]
         if names != ["right_knee", "left_knee"]:
             raise ValueError(f"{weights}: expected classes right_knee, left_knee, got {names}")
-        return cls(model=model, config=config, weights=weights, version=file_version(weights))
+        return cls(model=model, config=config, weights=weights, version=file_version(weights), runtime=runtime)
 
     def detect(self, radiographs: Sequence[Radiograph]) -> list[Detection]:
         """Find the knee joints of each radiograph (one model call per batch).
