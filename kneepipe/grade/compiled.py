@@ -107,7 +107,7 @@ def export_grader(
         raise ValueError(f"format {fmt!r}: one of {', '.join(FORMATS)}")
     if int8 and calibration is None:
         raise ValueError("INT8 needs calibration crops (a train folder)")
-    if int8 and Path(calibration).name == "val":
+    if calibration is not None and Path(calibration).name == "val":
         raise ValueError(f"{calibration}: calibrate on training crops, never on val (the figures are measured there)")
     grader = Grader.load(grader_path, runtime="keras")
     if grader.head.mean is not None:
@@ -130,7 +130,7 @@ def export_grader(
         "layers": list(grader.head.layers),
         "input": [size, size, channels],
     }
-    if int8:
+    if int8 and calibration is not None:
         pixels, names = calibration_crops(calibration, crops, seed)
         x = grader.prepare(pixels)
         network = nncf.quantize(
