@@ -70,7 +70,8 @@ def listen(
         fail("allowed_callers is empty: name the AE titles of the PACS or modalities that send films", EXIT_CONFIG)
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    for noisy in ("pynetdicom", "highdicom"):  # their INFO lines are per element copied, not per instance
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     from kneepipe.dicom.node import DicomNode
     from kneepipe.pipeline.run import load_models
 
