@@ -54,7 +54,7 @@ def audit(
     from kneepipe.audit.config import AuditConfig
 
     cfg = resolve_config(AuditConfig, config, overrides, {"copy_correlation": copy_correlation, "workers": workers})
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TimeElapsedColumn
 
     from kneepipe.audit.leakage import LEAKAGE_KINDS, audit_leakage, write_leakage_csv
     from kneepipe.config import save_config
@@ -67,7 +67,7 @@ def audit(
         console=console,
         disable=no_progress,
     ) as bar:
-        tasks: dict[str, int] = {}
+        tasks: dict[str, TaskID] = {}
 
         def progress(stage: str, done: int, total: int) -> None:
             if stage not in tasks:

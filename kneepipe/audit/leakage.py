@@ -379,7 +379,9 @@ def _patient_pairs(
     pairs, shared = [], set()
     for index_b, path in enumerate(files_b):
         pid = patient_id(path, compiled)
-        for index_a in patients_a.get(pid, []) if pid is not None else []:
+        if pid is None:
+            continue
+        for index_a in patients_a.get(pid, []):
             shared.add(pid)
             if (index_a, index_b) not in flagged:
                 pairs.append(LeakagePair(files_a[index_a], path, PATIENT_OVERLAP))

@@ -94,7 +94,7 @@ def find_labelled_crops(
         match = compiled.match(path.stem) if compiled else None
         if match is not None:
             groups = match.groupdict()
-            patient = groups.get("patient_id") or (match.group(1) if compiled.groups else match.group(0))
+            patient = groups.get("patient_id") or (match.group(1) if match.re.groups else match.group(0))
             side = groups.get("side") or ""
         else:
             patient, side = "", ""

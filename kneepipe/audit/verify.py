@@ -114,7 +114,10 @@ def _align(template: np.ndarray, moving: np.ndarray) -> tuple[float, np.ndarray 
     (shift_x, shift_y), _ = cv2.phaseCorrelate(coarse_template, coarse_moving)
     warp = np.array([[1, 0, shift_x], [0, 1, shift_y]], dtype=np.float32)
     try:
-        correlation, warp = cv2.findTransformECC(template, moving, warp, cv2.MOTION_AFFINE, _ECC_CRITERIA, None, 1)
+        # OpenCV takes no mask (None) with a Gaussian filter size; its stubs require a mask there.
+        correlation, warp = cv2.findTransformECC(  # type: ignore[call-overload]
+            template, moving, warp, cv2.MOTION_AFFINE, _ECC_CRITERIA, None, 1
+        )
     except cv2.error:  # ECC diverged (no common structure): no alignment, no evidence
         return -1.0, None
     return float(correlation), warp

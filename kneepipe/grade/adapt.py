@@ -213,7 +213,7 @@ def _fit_head_threads(features, mirrored, grades, layers, settings: AdaptSetting
         for c, p in held_probabilities.items()
         for rule in ("argmax", "median")
     }
-    best_c, rule = max(qwk, key=qwk.get)
+    best_c, rule = max(qwk, key=lambda c_and_rule: qwk[c_and_rule])
     return FittedHead(fit(features, mirrored, grades, best_c), best_c, rule)
 
 
@@ -364,7 +364,7 @@ def write_site_grader(grader, head: LinearHead, reference, facts: dict[str, Any]
     arrays.update(head.arrays())
     arrays.update(reference.arrays("ref_"))
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
+    np.savez_compressed(buffer, allow_pickle=False, **arrays)  # read back with allow_pickle=False
     write_atomic(out, buffer.getvalue())
     write_atomic(out.with_suffix(".md"), site_card(out, facts))
     return out

@@ -139,7 +139,7 @@ def adapt(
     from kneepipe.runtime import native_logs_hidden, set_verbosity
 
     set_verbosity(verbose)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
     from kneepipe.grade.adapt import AdaptSettings, SampleError, adapt_grader, load_sample
     from kneepipe.grade.predict import Grader
@@ -170,7 +170,7 @@ def adapt(
     console.print(f"site sample: {len(sample.grades)} knees, KL0-4 counts {sample.counts}")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as bar:
-        tasks: dict[str, int] = {}
+        tasks: dict[str, TaskID] = {}
 
         def progress(step: str, done: int, total: int) -> None:
             if step not in tasks:

@@ -52,7 +52,9 @@ class LinearHead:
             )
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """The head as arrays for a grader file."""
+        """The head as arrays for a grader file (a site head: the network's own head is in its weights)."""
+        if self.mean is None or self.scale is None:
+            raise ValueError("only a site head, over standardised features, is stored as arrays")
         return {
             "site_layers": np.array(self.layers),
             "site_coef": self.coef.astype(np.float32),

@@ -226,7 +226,7 @@ def _write_grader_file(weights: Sequence[np.ndarray], preprocessing: Preprocessi
     arrays = {f"w{i:04d}": w.astype(np.float16) for i, w in enumerate(weights)}
     arrays["kneepipe"] = np.array(preprocessing.to_json())
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
+    np.savez_compressed(buffer, allow_pickle=False, **arrays)  # read back with allow_pickle=False
     return write_atomic(path, buffer.getvalue(), fsync=True)
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,6 +23,9 @@ from kneepipe.grade.features import backbone_of, pooled_feature_model, pooled_fe
 from kneepipe.grade.head import LinearHead
 from kneepipe.grade.model import decide_grades, file_digest, load_grader, probabilities_from_logits
 from kneepipe.runtime import import_keras
+
+if TYPE_CHECKING:
+    import keras
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 DEFAULT_GRADER = WEIGHTS_DIR / "grader.npz"
@@ -50,7 +54,7 @@ class Grader:
         self.head = head or LinearHead.of_network(model)
         self._feature_model = None
         self._lock = threading.Lock()  # one network, shared by the pipeline's grading threads
-        self._map_model = None
+        self._map_model: keras.Model | None = None
         self._reference: tuple | None = None
         # The compiled backbone (kneepipe.grade.compiled) that grades when present; the Keras network
         # stays loaded as the reference, for Grad-CAM and for batch-norm statistics re-estimated on a batch.
@@ -131,6 +135,7 @@ class Grader:
         if len(crops) == 0:
             units = 5 if self.preprocessing.head == "softmax" else 4
             return np.empty((0, units), np.float32), np.empty((0, 0), np.float32)
+        network: Callable[[np.ndarray], list[np.ndarray]]
         if self.compiled is not None and not self._keras_only:
             network = self.compiled
         else:

@@ -92,7 +92,7 @@ def write_reference(reference: ShiftReference, grader_path: str | Path, grader_d
     import io
 
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, grader=np.array(grader_digest), **reference.arrays())
+    np.savez_compressed(buffer, allow_pickle=False, grader=np.array(grader_digest), **reference.arrays())
     path = reference_path(grader_path)
     write_atomic(path, buffer.getvalue())
     return path

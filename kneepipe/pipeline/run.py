@@ -28,7 +28,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 
@@ -79,6 +79,18 @@ __all__ = [
     "thumbnail_jpeg",
 ]
 Progress = Callable[[int, int], None]
+
+
+@overload
+def load_models(
+    detect_cfg: DetectConfig, grade_cfg: GradeConfig, detector: Literal[True] = ..., grader: Literal[True] = ...
+) -> tuple[JointDetector, Grader]: ...
+
+
+@overload
+def load_models(
+    detect_cfg: DetectConfig, grade_cfg: GradeConfig, detector: bool = ..., grader: bool = ...
+) -> tuple[JointDetector | None, Grader | None]: ...
 
 
 def load_models(
