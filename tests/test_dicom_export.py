@@ -169,3 +169,31 @@ def test_every_code_in_a_report_is_listed_in_the_readme(dicom_run):
         used |= {(value, scheme) for value, scheme, _ in codes_used(pydicom.dcmread(path))}
     used |= {(code.value, code.scheme_designator) for code in codes.all_codes()}
     assert used - listed == set()
+
+
+def test_a_film_that_does_not_state_its_orientation_gets_valid_outputs(tmp_path, radiographs_dir):
+    """Patient Orientation is written empty (unknown) on the overlay rather than guessed."""
+    from pacs_films import knee_film
+
+    from kneepipe.dicom.export import Algorithm, write_film
+
+    film = knee_film(radiographs_dir / "bilateral_0.png", "MONOCHROME2", "AP", patient_id="KP9999")
+    del film.PatientOrientation
+    film.save_as(tmp_path / "film.dcm", enforce_file_format=True)
+    knee = {
+        "side": "R",
+        "box": [120.0, 151.0, 264.0, 295.0],
+        "det_confidence": 0.9,
+        "crop": "",
+        "status": "ok",
+        "message": "",
+        "logits": [0.0] * 5,
+        "probabilities": [0.1, 0.2, 0.5, 0.15, 0.05],
+        "kl_grade": 2,
+    }
+    sr_path, sc_path = write_film(tmp_path / "film.dcm", [knee], Algorithm("d.pt@1", "g.npz@2"), tmp_path, "film")
+    sc = pydicom.dcmread(sc_path)
+    assert "PatientOrientation" in sc and not sc.PatientOrientation
+    assert read_report(sr_path)[0]["kl_grade"] == 2
+    if shutil.which("dciodvfy"):
+        assert dciodvfy_errors(sc_path) == [] and dciodvfy_errors(sr_path) == []

@@ -109,7 +109,7 @@ def build_report(source: Dataset, knees: Sequence[KneeRecord], algorithm: Algori
     from kneepipe.dicom import codes
 
     observer = hd.sr.ObserverContext(
-        observer_type=codes.Code("121007", "DCM", "Device"),
+        observer_type=hd.sr.CodedConcept(value="121007", scheme_designator="DCM", meaning="Device"),
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=algorithm.uid("device"),
             name="kneepipe",
@@ -225,29 +225,29 @@ def build_overlay(source: Dataset, radiograph: Radiograph, knees: Sequence[KneeR
     """The Secondary Capture of the film with its grades drawn, in the film's study, in a new series."""
     import highdicom as hd
 
-    orientation = source.get("PatientOrientation")
-    kwargs: dict[str, Any] = {}
-    if orientation and len(orientation) == 2:  # shrinking the film keeps the directions of its rows and columns
-        kwargs["patient_orientation"] = tuple(str(v) for v in orientation)
+    orientation = [str(v) for v in source.get("PatientOrientation") or []]
+    known = len(orientation) == 2 and all(orientation)  # shrinking the film keeps its rows' and columns' directions
     laterality = str(source.get("ImageLaterality") or source.get("Laterality") or "")
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
         pixel_array=overlay_pixels(radiograph, knees, algorithm.version),
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
-        coordinate_system=hd.CoordinateSystemNames.PATIENT if kwargs else None,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
         series_instance_uid=algorithm.uid(str(source.SOPInstanceUID), "sc series"),
         series_number=SC_SERIES_NUMBER,
         sop_instance_uid=algorithm.uid(str(source.SOPInstanceUID), "sc"),
         instance_number=1,
         manufacturer=MANUFACTURER,
         laterality=laterality if laterality in ("R", "L") else None,
+        patient_orientation=(orientation[0], orientation[1]) if known else ("L", "F"),
         contributing_equipment=[algorithm.contributing_equipment()],
         series_description="kneepipe KL grades overlay (automatic, not a diagnosis)",
-        **kwargs,
     )
+    if not known:
+        sc["PatientOrientation"].value = None  # the source does not say: present and empty, as DICOM writes "unknown"
     if "Laterality" not in sc:
-        sc.Laterality = None  # a paired part: present, empty when the film shows both knees or does not say
+        sc.Laterality = ""  # a paired part: present, empty when the film shows both knees or does not say
     sc.BurnedInAnnotation = "YES"
     sc.ImageComments = f"kneepipe {algorithm.version}: {DISCLAIMER}"
     return sc

@@ -33,7 +33,7 @@ def read_instances(paths: Sequence[str | Path]) -> list[Dataset]:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    datasets = []
+    datasets: list[Dataset] = []
     for path in paths:
         try:
             datasets.append(pydicom.dcmread(path))

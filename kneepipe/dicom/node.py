@@ -269,7 +269,7 @@ class DicomNode:
         for uid in uids:
             image = f"{uid}.dcm"
             record = run.images.get(image)
-            if image in written:
+            if image in written and record is not None:
                 entry = written[image]
                 grades = ", ".join(
                     f"{knee['side']} KL{knee['kl_grade']}" for knee in record["knees"] if "kl_grade" in knee
@@ -339,7 +339,7 @@ class DicomNode:
         ae.require_calling_aet = list(self.config.allowed_callers)
         ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = self.config.network_timeout_s
         ae.maximum_associations = 16
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_REJECTED, self._on_rejected)]
+        handlers: list[Any] = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_REJECTED, self._on_rejected)]
         self._server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
         self.port = self._server.server_address[1]
         self._stop.clear()

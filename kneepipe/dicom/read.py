@@ -34,7 +34,8 @@ def read_report(path: str | Path) -> list[dict[str, Any]]:
     sides = {(c.value, c.scheme_designator): side for side, c in codes.SIDES.items()}
     grades = {(c.value, c.scheme_designator): grade for grade, c in enumerate(codes.KL_GRADE_VALUES)}
     knees = []
-    for group in sr.content.get_planar_roi_measurement_groups():
+    content: Any = sr.content  # a MeasurementReport for an SR with TID 1500 content
+    for group in content.get_planar_roi_measurement_groups():
         knee: dict[str, Any] = {"side": "", "kl_grade": None, "probabilities": [None] * len(codes.KL_PROBABILITIES)}
         for site in group.finding_sites:
             if site.laterality is not None:
