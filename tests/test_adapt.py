@@ -5,10 +5,13 @@ import pytest
 from typer.testing import CliRunner
 
 from kneepipe.cli import app
+from kneepipe.config import load_config
 from kneepipe.grade.adapt import AdaptSettings, SampleError, adapt_grader, check_sample, load_sample, read_labels
+from kneepipe.grade.config import GradeConfig
 from kneepipe.grade.data import labelled_files, load_crops
+from kneepipe.grade.folder import grade_crops, use_batch_statistics
 from kneepipe.grade.predict import Grader
-from kneepipe.grade.shift import ShiftReference, shift_score
+from kneepipe.grade.shift import ShiftReference, shift_facts, shift_score
 from kneepipe.metrics import grading_metrics
 
 pytestmark = pytest.mark.slow
@@ -82,6 +85,14 @@ def test_adapt_improves_the_grader_on_a_held_back_part_of_the_site_sample(clinic
     assert reference.source.startswith("site sample")
     assert shift_score(site.predict_with_features(clinic.crops[held])[1], reference) < 0.5
     assert site.gradcam(clinic.crops[held][0]).shape == clinic.crops[0].shape
+    # A site grader's head depends on its own statistics: `auto` never re-estimates them.
+    config = load_config(GradeConfig)
+    logits, shift = grade_crops(site, clinic.crops[held], config)
+    assert shift["site_grader"] and not shift["shift_warning"] and shift["batch_norm"] == "as trained"
+    np.testing.assert_allclose(site.probabilities(logits), p_site, atol=1e-5)
+    assert not use_batch_statistics({"shift_warning": True, "site_grader": True}, len(truth), config)
+    assert use_batch_statistics({"shift_warning": True, "site_grader": False}, len(truth), config)
+    assert "unlike the site sample" in shift_facts(0.9, len(truth), 0.5, site=True)["shift_note"]
 
 
 def test_a_sample_too_small_or_missing_a_grade_is_refused_with_what_is_missing(clinic, tmp_path):

@@ -288,11 +288,19 @@ def batch_shift(grader, features: np.ndarray, config: GradeConfig) -> dict[str, 
 
     reference, reason = grader.shift_reference()
     score = shift_score(features, reference) if reference is not None else None
-    return shift_facts(score, len(features), config.shift_warn, reason)
+    facts = shift_facts(score, len(features), config.shift_warn, reason, site=grader.is_site_grader)
+    facts["site_grader"] = grader.is_site_grader
+    return facts
 
 
 def use_batch_statistics(shift: dict[str, Any], n: int, config: GradeConfig) -> bool:
-    """Whether a batch of ``n`` crops is graded with its own batch-norm statistics (``config.batch_norm``)."""
+    """Whether a batch of ``n`` crops is graded with its own batch-norm statistics (``config.batch_norm``).
+
+    ``auto`` never does it for a site grader: its head was fitted on features normalised
+    with the statistics it carries, so a batch unlike its site sample needs a new site grader.
+    """
     if config.batch_norm == "train" or n < config.batch_norm_min_crops:
         return False
-    return config.batch_norm == "batch" or bool(shift.get("shift_warning"))
+    if config.batch_norm == "batch":
+        return True
+    return bool(shift.get("shift_warning")) and not shift.get("site_grader")

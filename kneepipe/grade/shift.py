@@ -117,8 +117,11 @@ def read_reference(grader_path: str | Path, grader_digest: str) -> tuple[ShiftRe
         return ShiftReference.from_arrays(archive), ""
 
 
-def shift_facts(score: float | None, n: int, warn_above: float, reason: str = "") -> dict:
-    """The shift score as written to ``metrics.json``/``summary.json`` and read by reports."""
+def shift_facts(score: float | None, n: int, warn_above: float, reason: str = "", site: bool = False) -> dict:
+    """The shift score as written to ``metrics.json``/``summary.json`` and read by reports.
+
+    ``site``: the grader is a site grader, whose reference is its site sample.
+    """
     facts: dict = {"shift_score": None if score is None else round(score, 3), "shift_warn_above": warn_above}
     if score is None:
         facts["shift_note"] = reason or f"not computed: fewer than {MIN_CROPS} crops graded ({n})"
@@ -127,7 +130,10 @@ def shift_facts(score: float | None, n: int, warn_above: float, reason: str = ""
         facts["shift_warning"] = bool(score > warn_above)
         if facts["shift_warning"]:
             facts["shift_note"] = (
-                f"shift score {score:.2f} > {warn_above}: these images are unlike the grader's training data, "
+                f"shift score {score:.2f} > {warn_above}: these images are unlike the site sample this grader "
+                "was fitted on, so the grades may be unreliable; fit a site grader for them with `kneepipe adapt`"
+                if site
+                else f"shift score {score:.2f} > {warn_above}: these images are unlike the grader's training data, "
                 "so the grades may be unreliable; calibrate the grader to this site with `kneepipe adapt`"
             )
     return facts
