@@ -197,3 +197,41 @@ def test_a_film_that_does_not_state_its_orientation_gets_valid_outputs(tmp_path,
     assert read_report(sr_path)[0]["kl_grade"] == 2
     if shutil.which("dciodvfy"):
         assert dciodvfy_errors(sc_path) == [] and dciodvfy_errors(sr_path) == []
+
+
+def test_one_film_that_cannot_become_dicom_is_named_and_the_others_are_written(tmp_path, radiographs_dir):
+    from pacs_films import knee_film
+
+    from kneepipe.dicom.export import write_dicom_results
+    from kneepipe.pipeline.outputs import PipelineRun
+
+    knee = {
+        "side": "L",
+        "box": [334.0, 146.0, 478.0, 290.0],
+        "det_confidence": 0.8,
+        "crop": "",
+        "status": "ok",
+        "message": "",
+        "logits": [0.0] * 5,
+        "probabilities": [0.6, 0.2, 0.1, 0.05, 0.05],
+        "kl_grade": 0,
+    }
+    good = knee_film(radiographs_dir / "bilateral_0.png", "MONOCHROME2", "AP", patient_id="KP0001")
+    good.save_as(tmp_path / "good.dcm", enforce_file_format=True)
+    no_study = knee_film(radiographs_dir / "bilateral_0.png", "MONOCHROME2", "AP", patient_id="KP0002")
+    del no_study.StudyInstanceUID
+    no_study.save_as(tmp_path / "no_study.dcm", enforce_file_format=True)
+    shutil.copy(radiographs_dir / "bilateral_0.png", tmp_path / "plain.png")
+    images = {
+        name: {"image": name, "path": str(tmp_path / name), "status": "ok", "message": "", "knees": [dict(knee)]}
+        for name in ("good.dcm", "no_study.dcm", "plain.png")
+    }
+    out = tmp_path / "run"
+    out.mkdir()
+    run = PipelineRun(out, [], images, {"images": 3})
+    dicom = write_dicom_results(run, "detector.pt@1", "grader.npz@2")
+    assert [entry["image"] for entry in dicom["written"]] == ["good.dcm"]
+    assert dicom["not_dicom"] == ["plain.png"]
+    assert [entry["image"] for entry in dicom["failed"]] == ["no_study.dcm"]
+    assert "StudyInstanceUID" in dicom["failed"][0]["reason"]
+    assert json.loads((out / "summary.json").read_text())["dicom"] == dicom
