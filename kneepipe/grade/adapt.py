@@ -53,7 +53,7 @@ from kneepipe.imaging import ImageReadError, read_radiograph
 # The smallest sample adapt accepts: every grade present this often, and this many knees in all.
 MIN_PER_GRADE = 8
 MIN_TOTAL = 100
-SAMPLE_ADVICE = "grade at least 100 knees with at least 8 of every KL grade (300 or more recommended)"
+SAMPLE_ADVICE = "Grade at least 100 knees with at least 8 of every KL grade (300 or more recommended)"
 
 
 class SampleError(ValueError):
