@@ -13,6 +13,7 @@ import time
 from dataclasses import replace
 
 import pytest
+import yaml
 from pacs_films import write_films
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
@@ -174,6 +175,8 @@ def test_each_film_is_graded_once_even_after_a_restart(tmp_path, configs, models
     assert "not graded (not_gradable_view" in caplog.text
     assert "Testpatient" not in caplog.text  # instances are named by UID, never by patient
     assert not list((tmp_path / "node/incoming").iterdir())  # films are not kept once their results are sent
+    saved = yaml.safe_load((tmp_path / "node/args.yaml").read_text())  # the node's resolved config, beside its data
+    assert saved["allowed_callers"] == ["MODALITY"] and "conf" in saved["detect"]
 
     restarted = make_node(tmp_path, configs, models, receiver)
     try:

@@ -325,6 +325,19 @@ class DicomNode:
 
         if not self.config.allowed_callers:
             raise ValueError("allowed_callers is empty: name the AE titles of the PACS or modalities that send films")
+        from kneepipe import __version__
+        from kneepipe.config import save_config, to_dict
+
+        save_config(
+            self.config,
+            self.data,
+            extra={
+                "kneepipe": __version__,
+                "pipeline": to_dict(self.pipeline_cfg),
+                "detect": to_dict(self.detect_cfg),
+                "grade": to_dict(self.grade_cfg),
+            },
+        )
         for row in self.journal.with_status(RECEIVED):
             if (self.data / "incoming" / f"{row['uid']}.dcm").is_file():
                 self._queue.put(row["uid"])
