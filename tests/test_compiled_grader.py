@@ -108,3 +108,19 @@ def test_the_shipped_record_matches_the_shipped_grader():
     assert json.loads(record_path.read_text())["grader"] == DEFAULT_GRADER.name
     size = sum(path.stat().st_size for path in compiled_paths(DEFAULT_GRADER)[:2])
     assert size < 60e6
+
+
+def test_kneepipe_grade_records_the_runtime_that_graded(oai_dir, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from kneepipe.cli import app
+
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    for path in sorted((oai_dir / "val" / "3").glob("*.png"))[:4]:
+        shutil.copy(path, crops / path.name)
+    result = CliRunner().invoke(app, ["grade", str(crops), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    recorded = yaml.safe_load((tmp_path / "out" / "args.yaml").read_text())
+    assert recorded["runtime"] == "openvino" and recorded["grader_runtime"] == "openvino int8 (grader.int8.xml)"

@@ -164,8 +164,10 @@ def grade_folder(
 
     crops_root, out_dir = Path(crops_root), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    grader = grader or Grader.load(config.model, precision=config.precision)
-    save_config(config, out_dir, extra={"input": str(crops_root), "grader": grader.version})
+    grader = grader or Grader.load(config.model, precision=config.precision, runtime=config.runtime)
+    save_config(
+        config, out_dir, extra={"input": str(crops_root), "grader": grader.version, "grader_runtime": grader.runtime}
+    )
     listing = list_inputs(crops_root, exclude=(out_dir,))
     files = listing.files
     root = crops_root if crops_root.is_dir() else crops_root.parent
