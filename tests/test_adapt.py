@@ -126,3 +126,18 @@ def test_labels_from_a_csv_and_its_errors(tmp_path, clinic):
     (tmp_path / "cols.csv").write_text("file,grade\na.png,1\n")
     with pytest.raises(SampleError, match="missing: image, kl_grade"):
         read_labels(tmp_path / "cols.csv")
+
+
+def test_copies_of_a_crop_stay_in_one_fold(clinic):
+    """A sample listing a knee twice (as a resample does) must not grade a copy of a training crop."""
+    from kneepipe.grade.adapt import copy_groups, stratified_folds
+
+    rng = np.random.default_rng(0)
+    index = rng.integers(0, len(clinic.kl_grades), 300)  # with replacement: many copies
+    crops, grades = clinic.crops[index], clinic.kl_grades[index]
+    groups = copy_groups(crops)
+    assert len(np.unique(groups)) == len(np.unique(index)) < len(index)
+    for train, held in stratified_folds(grades, groups, 5, seed=0):
+        assert not set(groups[train]) & set(groups[held])
+    distinct = copy_groups(clinic.crops)
+    assert len(np.unique(distinct)) == len(distinct)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import time
@@ -151,6 +152,21 @@ class FittedHead:
     decision: str
 
 
+def copy_groups(crops: np.ndarray) -> np.ndarray:
+    """One group id per distinct crop: identical crops (a knee listed twice) share it."""
+    ids: dict[bytes, int] = {}
+    return np.array([ids.setdefault(hashlib.sha256(crop.tobytes()).digest(), len(ids)) for crop in crops])
+
+
+def stratified_folds(grades: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> list[tuple]:
+    """Stratified k-fold splits that keep copies of one crop in one fold (a copy in both would leak)."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    if len(np.unique(groups)) == len(groups):
+        return list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(grades, grades))
+    return list(StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(grades, grades, groups))
+
+
 def _features(grader, crops: np.ndarray, layers: Sequence[str], mirror: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """Pooled features of every block (concatenated), and of the mirrored crops when asked."""
     model = pooled_feature_model(grader.model, layers)
@@ -160,7 +176,7 @@ def _features(grader, crops: np.ndarray, layers: Sequence[str], mirror: bool) ->
     return plain, mirrored
 
 
-def _fit_head(features, mirrored, grades, layers, settings: AdaptSettings) -> FittedHead:
+def _fit_head(features, mirrored, grades, groups, layers, settings: AdaptSettings) -> FittedHead:
     """Standardise, choose C and the decision rule by the QWK of an inner stratified 3-fold CV, fit.
 
     On one BLAS thread: these small dense problems run many times faster than with threads that
@@ -169,13 +185,12 @@ def _fit_head(features, mirrored, grades, layers, settings: AdaptSettings) -> Fi
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1):
-        return _fit_head_threads(features, mirrored, grades, layers, settings)
+        return _fit_head_threads(features, mirrored, grades, groups, layers, settings)
 
 
-def _fit_head_threads(features, mirrored, grades, layers, settings: AdaptSettings) -> FittedHead:
+def _fit_head_threads(features, mirrored, grades, groups, layers, settings: AdaptSettings) -> FittedHead:
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import cohen_kappa_score
-    from sklearn.model_selection import StratifiedKFold
 
     def fit(x, xm, y, c) -> LinearHead:
         xs = np.concatenate([x, xm]) if xm is not None else x
@@ -198,7 +213,7 @@ def _fit_head_threads(features, mirrored, grades, layers, settings: AdaptSetting
             mirror=xm is not None,
         )
 
-    inner = list(StratifiedKFold(3, shuffle=True, random_state=settings.seed).split(features, grades))
+    inner = stratified_folds(grades, groups, 3, settings.seed)
     held_probabilities = {c: np.zeros((len(grades), len(KL_GRADES))) for c in settings.regularisation}
     for train, held in inner:
         for c in settings.regularisation:
@@ -223,12 +238,12 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return p / p.sum(axis=1, keepdims=True)
 
 
-def _fit_site(grader, crops, grades, layers, settings: AdaptSettings) -> FittedHead:
+def _fit_site(grader, crops, grades, groups, layers, settings: AdaptSettings) -> FittedHead:
     """Fit a site head (and statistics, if asked) on one set of crops; leaves the statistics adapted to them."""
     if settings.adapt_batch_norm:
         reestimate_batch_norm(grader.model, grader.prepare(crops), seed=settings.seed)
     features, mirrored = _features(grader, crops, layers, settings.mirror)
-    return _fit_head(features, mirrored, grades, layers, settings)
+    return _fit_head(features, mirrored, grades, groups, layers, settings)
 
 
 def bootstrap_interval(true, predicted, metric: Callable, resamples: int, seed: int) -> tuple[float, float]:
@@ -273,8 +288,6 @@ def adapt_grader(
     ``grader`` is modified (its batch-norm statistics end adapted to the sample). Returns
     the facts written into the site grader file and its model card.
     """
-    from sklearn.model_selection import StratifiedKFold
-
     started = time.monotonic()
     progress = progress or (lambda step, done, total: None)
     layers = block_layers(grader.model)
@@ -287,11 +300,12 @@ def adapt_grader(
 
     out_of_fold = np.zeros(len(grades), dtype=int)
     chosen = []
-    splits = list(StratifiedKFold(settings.folds, shuffle=True, random_state=settings.seed).split(grades, grades))
+    groups = copy_groups(sample.crops)
+    splits = stratified_folds(grades, groups, settings.folds, settings.seed)
     for k, (train, held) in enumerate(splits):
         progress("cross-validation", k, len(splits))
         set_batch_norm_statistics(grader.model, original)
-        fitted = _fit_site(grader, sample.crops[train], grades[train], layers, settings)
+        fitted = _fit_site(grader, sample.crops[train], grades[train], groups[train], layers, settings)
         chosen.append((fitted.regularisation, fitted.decision))
         features, mirrored = _features(grader, sample.crops[held], layers, settings.mirror)
         logits = fitted.head.site_logits([features], None if mirrored is None else [mirrored])
@@ -300,7 +314,7 @@ def adapt_grader(
 
     progress("fitting the site grader on the whole sample", 0, 1)
     set_batch_norm_statistics(grader.model, original)
-    fitted = _fit_site(grader, sample.crops, grades, layers, settings)
+    fitted = _fit_site(grader, sample.crops, grades, groups, layers, settings)
     head = fitted.head
     reference = site_reference(grader, head, sample.crops)
     progress("fitting the site grader on the whole sample", 1, 1)
@@ -308,6 +322,7 @@ def adapt_grader(
     facts = {
         "sample": {
             "n": len(grades),
+            "copies": int(len(grades) - len(np.unique(groups))),
             "grade_counts": sample.counts,
             "unreadable": [f"{p.name}: {reason}" for p, reason in sample.unreadable],
         },
@@ -389,7 +404,8 @@ def site_card(path: Path, facts: dict[str, Any]) -> str:
 Made by `kneepipe adapt` from `{facts["base_grader"]}` in {facts["minutes"]} minutes.
 
 ## Data
-- Site sample: {sample["n"]} labelled knee crops, KL0-4 counts {"/".join(map(str, sample["grade_counts"]))}.
+- Site sample: {sample["n"]} labelled knee crops, KL0-4 counts {"/".join(map(str, sample["grade_counts"]))};
+  {sample.get("copies", 0)} are copies of another crop (kept in one fold with it).
 - Unreadable files left out:{unreadable}
 
 ## Method
