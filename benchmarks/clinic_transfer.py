@@ -12,6 +12,10 @@ resampled to the grade counts 63/199/139/84/46 (a pure label shift; three seeds)
   of ``--folds``-fold cross-validation (minutes per batch).
 
     python benchmarks/clinic_transfer.py [--model FILE] [--adapt] [--folds 5]
+        [--sets clinic,val,resample] [--seeds 0,1,2]
+
+The resampled batches list some val knees more than once; ``kneepipe adapt`` keeps the copies
+of a knee in one fold.
 """
 
 from __future__ import annotations
@@ -47,7 +51,11 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="grader file; default: the shipped one")
     parser.add_argument("--adapt", action="store_true", help="also fit and cross-validate a site grader per batch")
     parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--sets", default="clinic,val,resample", help="which batches: clinic, val, resample")
+    parser.add_argument("--seeds", default="0,1,2", help="seeds of the resampled val batches")
     args = parser.parse_args()
+    sets = set(args.sets.split(","))
+    seeds = [int(s) for s in args.seeds.split(",")]
     grader = Grader.load(args.model)
     trained = load_config(GradeConfig, overrides={"batch_norm": "train"})
     default = load_config(GradeConfig)
@@ -56,13 +64,15 @@ def main() -> None:
     print(f"grader {grader.version}\n")
     print("| batch | accuracy | QWK | MAE | predicted KL0-4 | shift score | note |")
     print("|---|---|---|---|---|---|---|")
-    for name, folder in [("clinic-kl/dev", DATA / "clinic-kl" / "dev"), ("oai val", DATA / "oai-kl224" / "val")]:
+    folders = [("clinic-kl/dev", DATA / "clinic-kl" / "dev")] if "clinic" in sets else []
+    folders += [("oai val", DATA / "oai-kl224" / "val")] if sets & {"val", "resample"} else []
+    for name, folder in folders:
         paths, truth = labelled_files(folder)
         crops = load_crops(paths, truth)
         truth = crops.kl_grades
-        batches = [(name, np.arange(len(truth)))]
-        if name == "oai val":
-            batches += [(f"val resampled, seed {s}", resample_to_counts(truth, RESAMPLE_COUNTS, s)) for s in range(3)]
+        batches = [(name, np.arange(len(truth)))] if name != "oai val" or "val" in sets else []
+        if name == "oai val" and "resample" in sets:
+            batches += [(f"val resampled, seed {s}", resample_to_counts(truth, RESAMPLE_COUNTS, s)) for s in seeds]
         for label, index in batches:
             batch = crops.crops[index]
             logits, shift = grade_crops(grader, batch, trained)
