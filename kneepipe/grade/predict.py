@@ -244,11 +244,13 @@ class Grader:
     def _gradcam_tensorflow(self, x: np.ndarray, grade: int | None) -> np.ndarray:
         import tensorflow as tf
 
+        # The network runs outside the tape: only the head's few operations on the last
+        # activation map are recorded, so no gradient flows back through the convolutions.
+        maps = self._activation_maps(tf.convert_to_tensor(x))
+        features = tf.convert_to_tensor(maps[-1])  # the last activation map: Grad-CAM's layer
         with tf.GradientTape() as tape:
-            maps = self._activation_maps(tf.convert_to_tensor(x))
-            features = maps[-1]  # the last activation map: Grad-CAM's layer
             tape.watch(features)
-            score = self._gradcam_score(maps, grade)
+            score = self._gradcam_score([*maps[:-1], features], grade)
         gradients = tape.gradient(score, features)
         channel_weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
         return tf.nn.relu(tf.reduce_sum(channel_weights * features, axis=-1))[0].numpy().astype(np.float32)
