@@ -86,6 +86,22 @@ def batch_exit_code(statuses: Iterable[str], strict: bool = False, hidden_skippe
     return EXIT_STRICT_REFUSED if strict and refused > 0 else EXIT_OK
 
 
+def route_overrides(
+    overrides: list[str] | None, own: str, stages: Iterable[str] = ("pipeline", "detect", "grade")
+) -> dict[str, list[str]]:
+    """Route ``key=value`` overrides: ``<stage>.key=value`` to that stage (prefix removed), bare ones to ``own``.
+
+    >>> route_overrides(["port=9000", "detect.conf=0.3"], "serve")
+    {'serve': ['port=9000'], 'pipeline': [], 'detect': ['conf=0.3'], 'grade': []}
+    """
+    others = [stage for stage in stages if stage != own]
+    routed: dict[str, list[str]] = {own: [], **{stage: [] for stage in others}}
+    for item in overrides or []:
+        stage = next((stage for stage in others if item.startswith(f"{stage}.")), own)
+        routed[stage].append(item if stage == own else item[len(stage) + 1 :])
+    return routed
+
+
 def resolve_config(
     config_cls: type,
     config_file: Path | None,

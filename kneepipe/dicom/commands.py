@@ -20,22 +20,8 @@ from kneepipe.cli_common import (
     console,
     fail,
     resolve_config,
+    route_overrides,
 )
-
-STAGE_PREFIXES = ("pipeline.", "detect.", "grade.")
-
-
-def route_overrides(overrides: list[str] | None) -> dict[str, list[str]]:
-    """Route ``key=value`` overrides: ``detect.conf=0.3`` -> detect, bare -> pacs.
-
-    >>> route_overrides(["port=11113", "detect.conf=0.3"])
-    {'pacs': ['port=11113'], 'pipeline': [], 'detect': ['conf=0.3'], 'grade': []}
-    """
-    routed: dict[str, list[str]] = {"pacs": [], "pipeline": [], "detect": [], "grade": []}
-    for item in overrides or []:
-        stage = next((prefix[:-1] for prefix in STAGE_PREFIXES if item.startswith(prefix)), "pacs")
-        routed[stage].append(item[len(stage) + 1 :] if stage != "pacs" else item)
-    return routed
 
 
 def listen(
@@ -61,7 +47,7 @@ def listen(
     from kneepipe.grade.config import GradeConfig
     from kneepipe.pipeline.config import PipelineConfig
 
-    routed = route_overrides(overrides)
+    routed = route_overrides(overrides, "pacs")
     pacs_cfg = resolve_config(PacsConfig, config, routed["pacs"])
     pipeline_cfg = resolve_config(PipelineConfig, None, routed["pipeline"], prefix="pipeline.")
     detect_cfg = resolve_config(DetectConfig, None, routed["detect"], prefix="detect.")

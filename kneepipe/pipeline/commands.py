@@ -22,9 +22,9 @@ from kneepipe.cli_common import (
     console,
     fail,
     resolve_config,
+    route_overrides,
 )
 
-STAGE_PREFIXES = ("detect.", "grade.")
 MAX_LISTED = 30  # refused files named in the summary; all of them are in results.csv
 
 
@@ -34,15 +34,7 @@ def split_overrides(overrides: list[str] | None) -> dict[str, list[str]]:
     >>> split_overrides(["batch=8", "detect.conf=0.3"])
     {'pipeline': ['batch=8'], 'detect': ['conf=0.3'], 'grade': []}
     """
-    routed: dict[str, list[str]] = {"pipeline": [], "detect": [], "grade": []}
-    for item in overrides or []:
-        for prefix in STAGE_PREFIXES:
-            if item.startswith(prefix):
-                routed[prefix[:-1]].append(item[len(prefix) :])
-                break
-        else:
-            routed["pipeline"].append(item)
-    return routed
+    return route_overrides(overrides, "pipeline")
 
 
 def run(

@@ -18,22 +18,8 @@ from kneepipe.cli_common import (
     console,
     fail,
     resolve_config,
+    route_overrides,
 )
-
-STAGE_PREFIXES = ("pipeline.", "detect.", "grade.")
-
-
-def route_overrides(overrides: list[str] | None) -> dict[str, list[str]]:
-    """Route ``key=value`` overrides: ``detect.conf=0.3`` -> detect, ``pipeline.batch=4`` -> pipeline, bare -> serve.
-
-    >>> route_overrides(["port=9000", "grade.precision=bfloat16"])
-    {'serve': ['port=9000'], 'pipeline': [], 'detect': [], 'grade': ['precision=bfloat16']}
-    """
-    routed: dict[str, list[str]] = {"serve": [], "pipeline": [], "detect": [], "grade": []}
-    for item in overrides or []:
-        stage = next((prefix[:-1] for prefix in STAGE_PREFIXES if item.startswith(prefix)), "serve")
-        routed[stage].append(item[len(stage) + 1 :] if stage != "serve" else item)
-    return routed
 
 
 def serve(
@@ -68,7 +54,7 @@ def serve(
     from kneepipe.pipeline.config import PipelineConfig
     from kneepipe.serve.config import ServeConfig
 
-    routed = route_overrides(overrides)
+    routed = route_overrides(overrides, "serve")
     folders = {"data": str(data) if data else None, "graders": str(graders) if graders else None}
     options = {"host": host, "port": port, **folders}
     serve_cfg = resolve_config(ServeConfig, config, routed["serve"], options)
