@@ -29,7 +29,6 @@ import csv
 import dataclasses
 import hashlib
 import io
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -438,10 +437,3 @@ True KL0-4: {"/".join(map(str, cv["after"]["true_counts"]))}.
   intervals are wide: grade more knees to narrow them.
 - Automatic grades support, and do not replace, a reader's assessment.
 """
-
-
-def facts_of(path: str | Path) -> dict[str, Any] | None:
-    """The adapt facts stored in a site grader file, or None for another grader."""
-    with np.load(path, allow_pickle=False) as archive:
-        record = json.loads(str(archive["kneepipe"]))
-    return record.get("extra", {}).get("site")

@@ -222,13 +222,19 @@ def grade_crops(grader, crops, config: GradeConfig) -> tuple[np.ndarray, dict[st
     logits, features = grader.predict_with_features(crops, config.batch)
     shift = batch_shift(grader, features, config)
     if use_batch_statistics(shift, len(crops), config):
-        pick = np.random.default_rng(config.seed).permutation(len(crops))[:BATCH_NORM_SAMPLE]
-        with statistics_of(grader, [crops[i] for i in pick], seed=config.seed):
-            logits = grader.predict_logits(crops, config.batch)
-        shift["batch_norm"] = f"re-estimated on {len(pick)} crops of this batch"
+        logits, shift["batch_norm"] = grade_with_batch_statistics(grader, crops, config)
     else:
         shift["batch_norm"] = "as trained"
     return logits, shift
+
+
+def grade_with_batch_statistics(grader, crops, config: GradeConfig) -> tuple[np.ndarray, str]:
+    """Logits of ``crops`` under batch-norm statistics re-estimated on them (a random sample of a larger
+    batch), and how, for the outputs; the grader keeps its own statistics afterwards."""
+    pick = np.random.default_rng(config.seed).permutation(len(crops))[:BATCH_NORM_SAMPLE]
+    with statistics_of(grader, [crops[i] for i in pick], seed=config.seed):
+        logits = grader.predict_logits(crops, config.batch)
+    return logits, f"re-estimated on {len(pick)} crops of this batch"
 
 
 # Crops kept in memory for re-estimating batch-norm statistics (a random sample of a larger batch).

@@ -317,8 +317,7 @@ def batch_shift_of_run(
     own batch-norm statistics, as ``kneepipe grade`` does; the new logits replace the
     journaled ones in ``images`` (the journal keeps what the network gave as trained).
     """
-    from kneepipe.grade.features import statistics_of
-    from kneepipe.grade.folder import BATCH_NORM_SAMPLE, batch_shift, use_batch_statistics
+    from kneepipe.grade.folder import batch_shift, grade_with_batch_statistics, use_batch_statistics
 
     knees = [(name, knee) for name, record in images.items() for knee in record["knees"] if knee["status"] == STATUS_OK]
     earlier = [knee for name, knee in knees if name not in graded_now]
@@ -336,12 +335,9 @@ def batch_shift_of_run(
     if unreadable:
         shift["batch_norm"] = f"as trained: {unreadable} crops were not saved, so the knees cannot be graded again"
         return shift
-    pick = np.random.default_rng(grade_cfg.seed).permutation(len(crops))[:BATCH_NORM_SAMPLE]
-    with statistics_of(grader, [crops[i] for i in pick], seed=grade_cfg.seed):
-        logits = grader.predict_logits(crops, grade_cfg.batch)
+    logits, shift["batch_norm"] = grade_with_batch_statistics(grader, crops, grade_cfg)
     for (_, knee), row in zip(knees, logits, strict=True):
         knee["logits"] = [round(float(v), 6) for v in row]
-    shift["batch_norm"] = f"re-estimated on {len(pick)} crops of this batch"
     return shift
 
 
