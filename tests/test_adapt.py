@@ -141,3 +141,17 @@ def test_copies_of_a_crop_stay_in_one_fold(clinic):
         assert not set(groups[train]) & set(groups[held])
     distinct = copy_groups(clinic.crops)
     assert len(np.unique(distinct)) == len(distinct)
+
+
+def test_train_reference_stores_the_feature_statistics_of_training_crops(oai_dir, tmp_path):
+    paths, grades = labelled_files(oai_dir / "train")
+    for path, grade in list(zip(paths, grades, strict=True))[::600]:
+        (tmp_path / "train" / str(grade)).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "train" / str(grade) / path.name).symlink_to(path)
+    out = tmp_path / "ref.npz"
+    result = CliRunner().invoke(app, ["train", "reference", "--train", str(tmp_path / "train"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    with np.load(out) as archive:
+        reference = ShiftReference.from_arrays(archive)
+        assert str(archive["grader"]) == Grader.load().version.split("@")[1]
+    assert reference.n == len(paths[::600]) and reference.mean.shape == (2048,)

@@ -87,15 +87,13 @@ def reference_path(grader_path: str | Path) -> Path:
     return grader_path.with_name(grader_path.stem + ".reference.npz")
 
 
-def write_reference(reference: ShiftReference, grader_path: str | Path, grader_digest: str) -> Path:
-    """Write the sidecar of a grader file, naming the grader digest it belongs to."""
+def write_reference(reference: ShiftReference, path: str | Path, grader_digest: str) -> Path:
+    """Write a grader's statistics to ``path`` (grading finds them at :func:`reference_path`), naming its digest."""
     import io
 
     buffer = io.BytesIO()
     np.savez_compressed(buffer, allow_pickle=False, grader=np.array(grader_digest), **reference.arrays())
-    path = reference_path(grader_path)
-    write_atomic(path, buffer.getvalue())
-    return path
+    return write_atomic(Path(path), buffer.getvalue())
 
 
 def read_reference(grader_path: str | Path, grader_digest: str) -> tuple[ShiftReference | None, str]:

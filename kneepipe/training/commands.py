@@ -216,3 +216,33 @@ def evaluate_detector(
 
         write_atomic(out, text + "\n")
     typer.echo(text)
+
+
+def reference_statistics(
+    train: Annotated[Path, typer.Option("--train", help="The grader's training crops, in folders 0/ .. 4/.")],
+    grader: Annotated[
+        Path | None, typer.Argument(help="A grader file (.npz); default: the shipped one.", show_default=False)
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Default (where grading looks): G.reference.npz")
+    ] = None,
+) -> None:
+    """Store a grader's feature statistics on its training crops, against which the shift score measures a batch."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from kneepipe.files import file_digest
+    from kneepipe.grade.data import labelled_files, load_crops
+    from kneepipe.grade.predict import Grader
+    from kneepipe.grade.shift import fit_reference, reference_path, write_reference
+
+    paths, grades = labelled_files(train)
+    if not paths:
+        fail(f"{train}: no crops in folders 0/ .. 4/")
+    loaded = Grader.load(grader)
+    crops = load_crops(paths, grades).crops
+    with Progress("features", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("features", total=len(crops))
+        source = f"{train.name}: {len(crops)} crops"
+        reference = fit_reference(loaded, crops, source, progress=lambda done, _: bar.update(task, completed=done))
+    written = write_reference(reference, out or reference_path(loaded.path), file_digest(loaded.path))
+    console.print(f"statistics of {len(crops)} training crops for {loaded.version} -> {written}")
