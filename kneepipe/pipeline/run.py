@@ -9,6 +9,14 @@ while memory holds only the radiographs in flight. At the end the grades are fin
 ``summary.json``, with labels ``metrics.json`` and ``evaluation.csv``, and on request
 ``report.html`` are written in one piece each.
 
+The run is built of parts that the Ray engine (:mod:`kneepipe.pipeline.ray_engine`) shares:
+:func:`find_run_inputs` and :func:`open_run` list the inputs and open the run folder,
+:func:`graded_steps` grades films step by step with loaded models, a :class:`RunJournal`
+journals the records as they come back, and :func:`close_run` writes the outputs.
+
+The input is a radiograph, a folder, or a text file listing radiographs (``.txt``: one path
+or ``file://`` URI a line, relative paths from the list's folder; ``#`` starts a comment).
+
 A file that cannot be read, shows no knee or a view that cannot be graded gets one row
 with its status and reason; nothing about one file stops the batch. Every other entry
 under the input folder (a text file, a hidden file, a FIFO, a broken link) gets a
@@ -25,10 +33,12 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, overload
 
 import numpy as np
 
@@ -36,10 +46,10 @@ from kneepipe import __version__
 from kneepipe.config import save_config, to_dict
 from kneepipe.detect.predict import Detector, detect_radiographs
 from kneepipe.files import file_digest, output_keys, write_atomic
-from kneepipe.imaging import ImageReadError, Radiograph, list_inputs, read_radiograph
+from kneepipe.imaging import ImageReadError, InputListing, Radiograph, list_inputs, read_radiograph
 from kneepipe.joints import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, Detection, Joint
 from kneepipe.pipeline.config import PipelineConfig
-from kneepipe.pipeline.evaluate import read_labels
+from kneepipe.pipeline.evaluate import LabelledKnee, read_labels
 from kneepipe.pipeline.outputs import (
     RESULTS_COLUMNS,
     PipelineRun,
@@ -71,10 +81,18 @@ if TYPE_CHECKING:
 # The outputs' names stay importable from here, where the pipeline's users found them.
 __all__ = [
     "RESULTS_COLUMNS",
+    "Film",
+    "FilmWork",
     "PipelineRun",
+    "RunJournal",
+    "RunPlan",
     "batch_summary",
+    "close_run",
+    "find_run_inputs",
     "finish_run",
+    "graded_steps",
     "load_models",
+    "open_run",
     "run_pipeline",
     "thumbnail_jpeg",
 ]
@@ -134,6 +152,97 @@ def check_models(detector: Detector, grader: Grader) -> None:
         )
 
 
+LIST_SUFFIXES = (".txt",)
+"""Suffixes of a text file listing the radiographs to read (one path or ``file://`` URI a line)."""
+
+
+class Film(NamedTuple):
+    """One input radiograph as the per-film work sees it: where to read it and how to name its outputs.
+
+    ``name`` is its name in the outputs (its path below the input folder), ``key`` the stem of
+    its crop and thumbnail files, ``note`` a remark every row of it carries ("" for none).
+    """
+
+    path: Path
+    name: str
+    key: str
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class FilmWork:
+    """What grading a film needs besides the models and the film: the run folder and the configs."""
+
+    out_dir: Path
+    pipeline_cfg: PipelineConfig
+    detect_cfg: DetectConfig
+    grade_cfg: GradeConfig
+
+
+@dataclass
+class RunInputs:
+    """What :func:`find_run_inputs` found: the files to read, what was skipped, and the names' root."""
+
+    inputs: Path
+    root: Path
+    files: list[Path]
+    listing: InputListing
+
+
+@dataclass
+class RunPlan:
+    """A run folder opened by :func:`open_run`: every input as a :class:`Film`, and what is left to do."""
+
+    found: RunInputs
+    out_dir: Path
+    films: list[Film]
+    todo: list[Film]
+    configs: dict[str, Any]
+    labels: Path | None
+    labelled: list[LabelledKnee] | None
+
+    @property
+    def journal(self) -> Path:
+        return self.out_dir / JOURNAL
+
+    @property
+    def resumed(self) -> int:
+        """Films journaled by earlier calls on this run folder."""
+        return len(self.films) - len(self.todo)
+
+
+class RunJournal:
+    """The run's journal as results come back: each film written once, counted, and reported to ``progress``.
+
+    A record of a film the journal already holds (a retried step that had come back
+    before) is dropped, so every film has one line whatever the engine retried.
+    """
+
+    def __init__(self, plan: RunPlan, progress: Progress | None = None) -> None:
+        self.path = plan.journal
+        self.total = len(plan.films)
+        self.completed = plan.resumed
+        self.knees_processed = 0
+        self.progress = progress
+        self._written = {film.name for film in plan.films} - {film.name for film in plan.todo}
+        if progress:
+            progress(self.completed, self.total)
+
+    def write(self, records: Sequence[ImageRecord]) -> int:
+        """Append the records of films not yet journaled; returns how many were written."""
+        new = []
+        for record in records:
+            if record["image"] not in self._written:
+                self._written.add(record["image"])
+                new.append(record)
+        append_journal(self.path, new)
+        self.completed += len(new)
+        self.knees_processed += sum(len(record["knees"]) for record in new)
+        if self.progress:
+            self.progress(self.completed, self.total)
+        return len(new)
+
+
 def run_pipeline(
     inputs: str | Path,
     out_dir: str | Path,
@@ -144,11 +253,12 @@ def run_pipeline(
     progress: Progress | None = None,
     detector: Detector | None = None,
     grader: Grader | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> PipelineRun:
     """Detect, crop and grade every radiograph under ``inputs``; write the run folder ``out_dir``.
 
     Args:
-        inputs: a radiograph file or a folder searched recursively.
+        inputs: a radiograph file, a folder searched recursively, or a ``.txt`` list of radiographs.
         out_dir: the run folder; an interrupted run with the same inputs, models and
             config is resumed, a different run's folder is refused unless
             ``pipeline_cfg.overwrite``.
@@ -160,28 +270,107 @@ def run_pipeline(
         progress: ``callable(images_done, images_total)``, called after every step.
         detector: an already loaded ``JointDetector`` (loaded from ``detect_cfg`` if None).
         grader: an already loaded ``Grader`` (loaded from ``grade_cfg`` if None).
+        extra: more facts for ``args.yaml`` (the CLI records the engine there).
 
     Raises:
         FileNotFoundError: ``inputs`` does not exist or holds no image.
-        ValueError: a bad labels file.
+        ValueError: a bad labels file or input list.
         kneepipe.pipeline.state.OutputConflictError: ``out_dir`` holds another run.
     """
+    found = find_run_inputs(inputs, out_dir)
+    if detector is None or grader is None:
+        loaded_detector, loaded_grader = load_models(detect_cfg, grade_cfg, detector is None, grader is None)
+        detector, grader = detector or loaded_detector, grader or loaded_grader
+    assert detector is not None and grader is not None  # loaded above when not given
+    plan = open_run(found, out_dir, pipeline_cfg, detect_cfg, grade_cfg, detector, grader, labels, extra)
+    journal = RunJournal(plan, progress)
+
+    started = time.perf_counter()
+    features: list[np.ndarray] = []  # pooled features of the knees graded now, for the shift score
+    work = FilmWork(plan.out_dir, pipeline_cfg, detect_cfg, grade_cfg)
+    with closing(graded_steps(plan.todo, detector, grader, work, features)) as steps:
+        for records in steps:
+            journal.write(records)
+    seconds = time.perf_counter() - started
+    return close_run(plan, pipeline_cfg, grade_cfg, grader, detector.version, features, journal, seconds)
+
+
+def find_run_inputs(inputs: str | Path, out_dir: str | Path) -> RunInputs:
+    """The radiographs a run reads: a file, every file under a folder, or the files a ``.txt`` list names.
+
+    Raises:
+        FileNotFoundError: ``inputs`` does not exist or holds no radiograph.
+        ValueError: a list naming storage that cannot be read as files (``s3://`` and the like).
+    """
     inputs, out_dir = Path(inputs), Path(out_dir)
-    labelled = read_labels(labels) if labels else None
+    if inputs.is_file() and inputs.suffix.lower() in LIST_SUFFIXES:
+        listing = read_input_list(inputs)
+    else:
+        listing = list_inputs(inputs, exclude=(out_dir,))
     root = inputs if inputs.is_dir() else inputs.parent
-    listing = list_inputs(inputs, exclude=(out_dir,))
     files = [path for path in listing.files if not _is_inside(path, out_dir)]
     if not files:
         skipped = f" ({len(listing.skipped)} other entries skipped: not images, hidden or special)"
         raise FileNotFoundError(
             f"{inputs}: no radiographs found (PNG, JPEG, TIFF or DICOM){skipped if listing.skipped else ''}"
         )
-    if detector is None or grader is None:
-        loaded_detector, loaded_grader = load_models(detect_cfg, grade_cfg, detector is None, grader is None)
-        detector, grader = detector or loaded_detector, grader or loaded_grader
-    assert detector is not None and grader is not None  # loaded above when not given
-    check_models(detector, grader)
+    return RunInputs(inputs, root, files, listing)
 
+
+def read_input_list(list_file: Path) -> InputListing:
+    """The radiographs a text file lists, each once, in its order.
+
+    One path or ``file://`` URI a line; a relative path is taken from the list's folder;
+    blank lines and lines starting with ``#`` are ignored. A listed file that is missing
+    is still listed: reading it gives its row the reason. Storage reached through other
+    URIs (``s3://``, ``gs://``, ``http://``) is read where it is mounted as files.
+
+    Raises:
+        ValueError: a line with another URI scheme, naming the line.
+    """
+    from urllib.parse import unquote, urlparse
+
+    listing, seen = InputListing(), set()
+    for number, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), start=1):
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        scheme = urlparse(entry).scheme
+        if scheme == "file":
+            entry = unquote(urlparse(entry).path)
+        elif len(scheme) > 1:  # one letter is a Windows drive
+            raise ValueError(
+                f"{list_file}:{number}: {entry}: {scheme}:// storage cannot be read directly; "
+                "list the paths where it is mounted on every node (NFS, s3fs, gcsfuse)"
+            )
+        path = Path(entry) if Path(entry).is_absolute() else list_file.parent / entry
+        if path not in seen:
+            seen.add(path)
+            listing.files.append(path)
+    return listing
+
+
+def open_run(
+    found: RunInputs,
+    out_dir: str | Path,
+    pipeline_cfg: PipelineConfig,
+    detect_cfg: DetectConfig,
+    grade_cfg: GradeConfig,
+    detector: Detector,
+    grader: Grader,
+    labels: str | Path | None = None,
+    extra: dict[str, Any] | None = None,
+) -> RunPlan:
+    """Open the run folder: refuse another run's, write ``args.yaml``, and read what the journal has done.
+
+    Raises:
+        ValueError: a bad labels file, or models that disagree on the crop framing.
+        kneepipe.pipeline.state.OutputConflictError: ``out_dir`` holds another run.
+    """
+    out_dir = Path(out_dir)
+    labelled = read_labels(labels) if labels else None
+    check_models(detector, grader)
+    files, root = found.files, found.root
     configs = {"pipeline": to_dict(pipeline_cfg), "detect": to_dict(detect_cfg), "grade": to_dict(grade_cfg)}
     parts = fingerprint_parts(
         input_listing(files, root),
@@ -195,13 +384,14 @@ def run_pipeline(
         pipeline_cfg,
         out_dir,
         extra={
-            "input": str(inputs),
+            "input": str(found.inputs),
             "labels": str(labels) if labels else None,
             "detector": detector.version,
             "grader": grader.version,
             "detector_runtime": getattr(detector, "runtime", "torch"),
             "grader_runtime": grader.runtime,
             "kneepipe": __version__,
+            **(extra or {}),
             "fingerprint": fingerprint(parts),
             "fingerprint_parts": parts,
             "detect": configs["detect"],
@@ -213,92 +403,96 @@ def run_pipeline(
     done = read_journal(journal)
     names = {path: relative_name(path, root) for path in files}
     keys = output_keys([names[path] for path in files])
-    outside = set(listing.outside_links)
-    notes = {names[path]: "read through a link to a file outside the input folder" for path in files if path in outside}
-    todo = [path for path in files if names[path] not in done]
-    resumed = len(files) - len(todo)
-    if progress:
-        progress(resumed, len(files))
+    outside = set(found.listing.outside_links)
+    outside_note = "read through a link to a file outside the input folder"
+    films = [Film(path, names[path], keys[names[path]], outside_note if path in outside else "") for path in files]
+    todo = [film for film in films if film.name not in done]
+    return RunPlan(found, out_dir, films, todo, configs, Path(labels) if labels else None, labelled)
 
-    started = time.perf_counter()
-    completed, knees_processed = resumed, 0
+
+def close_run(
+    plan: RunPlan,
+    pipeline_cfg: PipelineConfig,
+    grade_cfg: GradeConfig,
+    grader: Grader,
+    detector_version: str,
+    features: list[np.ndarray],
+    journal: RunJournal,
+    seconds: float,
+) -> PipelineRun:
+    """Read the journal back and write the run's outputs (:func:`finish_run`), with the batch's shift score."""
+    records = read_journal(plan.journal)
+    images = {film.name: records[film.name] for film in plan.films}
+    graded_now = {film.name for film in plan.todo}
+    shift = batch_shift_of_run(grader, grade_cfg, features, images, graded_now, plan.out_dir)
+    found, outside = plan.found, set(plan.found.listing.outside_links)
+    return finish_run(
+        plan.out_dir,
+        images,
+        pipeline_cfg,
+        grade_cfg,
+        grader,
+        detector_version=detector_version,
+        labelled=plan.labelled,
+        inputs=str(found.inputs),
+        resumed=plan.resumed,
+        processed=len(plan.todo),
+        knees_processed=journal.knees_processed,
+        seconds=seconds,
+        configs=plan.configs,
+        skipped=[
+            SkippedEntry(
+                image=relative_name(entry.path, found.root),
+                status=STATUS_SKIPPED,
+                message=entry.reason,
+                hidden=entry.hidden,
+            )
+            for entry in found.listing.skipped
+        ],
+        outside_links=sorted(film.name for film in plan.films if film.path in outside),
+        shift=shift,
+    )
+
+
+def graded_steps(
+    films: Sequence[Film],
+    detector: Detector,
+    grader: Grader,
+    work: FilmWork,
+    features: list[np.ndarray] | None = None,
+) -> Generator[list[ImageRecord], None, None]:
+    """Decode, detect, grade and save ``films`` step by step; yields each step's journal records in input order.
+
+    Films are decoded ahead in threads and detected ``pipeline_cfg.batch`` at a time, while
+    up to ``grade_workers`` earlier steps are graded and saved in threads (both frameworks
+    release the GIL while they compute). A step is yielded when it is done, so a consumer
+    that journals it loses only the steps in flight when it is stopped. Close the generator
+    (``contextlib.closing``) to stop the threads when the consumer stops early.
+    """
+    pipeline_cfg, detect_cfg = work.pipeline_cfg, work.detect_cfg
     size = pipeline_cfg.thumbnail_size
     stream = decoded_radiographs(
-        todo,
+        [film.path for film in films],
         detect_cfg.max_side,
         pipeline_cfg.prefetch,
         pipeline_cfg.decode_workers,
         prepare=(lambda radiograph: thumbnail_jpeg(radiograph, size)) if size else None,
         max_pixels=detect_cfg.max_pixels,
     )
-    # Detection runs here while up to `grade_workers` earlier steps are graded and saved in
-    # threads (both frameworks release the GIL while they compute). Steps are journaled in
-    # input order as they finish, so an interrupted run loses only the steps in flight.
     grading = ThreadPoolExecutor(pipeline_cfg.grade_workers, thread_name_prefix="kneepipe-grade")
-    features: list[np.ndarray] = []  # pooled features of the knees graded now, for the shift score
     in_flight: deque[Future] = deque()
-
-    def settle(wait_for: int) -> None:
-        nonlocal completed, knees_processed
-        while len(in_flight) > wait_for or (in_flight and in_flight[0].done()):
-            records = in_flight.popleft().result()
-            append_journal(journal, records)
-            completed += len(records)
-            knees_processed += sum(len(record["knees"]) for record in records)
-            if progress:
-                progress(completed, len(files))
-
     try:
-        for step in _steps(stream, pipeline_cfg.batch):
+        decoded = ((film, item, prepared) for film, (_, item, prepared) in zip(films, stream, strict=False))
+        for step in _steps(decoded, pipeline_cfg.batch):
             detections = _detect_step(detector, step)
-            in_flight.append(
-                grading.submit(
-                    _grade_step,
-                    step,
-                    detections,
-                    names,
-                    keys,
-                    out_dir,
-                    pipeline_cfg,
-                    grade_cfg,
-                    grader,
-                    notes,
-                    features,
-                )
-            )
-            settle(wait_for=pipeline_cfg.grade_workers)
-        settle(wait_for=0)
+            in_flight.append(grading.submit(_grade_step, step, detections, work, grader, features))
+            while len(in_flight) > pipeline_cfg.grade_workers or (in_flight and in_flight[0].done()):
+                yield in_flight.popleft().result()
+        while in_flight:
+            yield in_flight.popleft().result()
     finally:
         grading.shutdown(wait=True, cancel_futures=True)
         stream.close()
-    seconds = time.perf_counter() - started
-
-    records = read_journal(journal)
-    images = {names[path]: records[names[path]] for path in files}
-    shift = batch_shift_of_run(grader, grade_cfg, features, images, {names[path] for path in todo}, out_dir)
-    return finish_run(
-        out_dir,
-        images,
-        pipeline_cfg,
-        grade_cfg,
-        grader,
-        detector_version=detector.version,
-        labelled=labelled,
-        inputs=str(inputs),
-        resumed=resumed,
-        processed=len(todo),
-        knees_processed=knees_processed,
-        seconds=seconds,
-        configs=configs,
-        skipped=[
-            SkippedEntry(
-                image=relative_name(entry.path, root), status=STATUS_SKIPPED, message=entry.reason, hidden=entry.hidden
-            )
-            for entry in listing.skipped
-        ],
-        outside_links=sorted(names[path] for path in files if path in outside),
-        shift=shift,
-    )
 
 
 def batch_shift_of_run(
@@ -383,7 +577,7 @@ def _steps(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 
 
 def _detect_step(
-    detector: Detector, step: Sequence[tuple[Path, Radiograph | ImageReadError, Any]]
+    detector: Detector, step: Sequence[tuple[Film, Radiograph | ImageReadError, Any]]
 ) -> dict[int, Detection]:
     """The detection of each radiograph of a step (files that could not be read are skipped), by ``id``."""
     radiographs = [item for _, item, _ in step if isinstance(item, Radiograph)]
@@ -391,15 +585,10 @@ def _detect_step(
 
 
 def _grade_step(
-    step: Sequence[tuple[Path, Radiograph | ImageReadError, Any]],
+    step: Sequence[tuple[Film, Radiograph | ImageReadError, Any]],
     detections: dict[int, Detection],
-    names: dict[Path, str],
-    keys: dict[str, str],
-    out_dir: Path,
-    pipeline_cfg: PipelineConfig,
-    grade_cfg: GradeConfig,
+    work: FilmWork,
     grader: Grader,
-    notes: dict[str, str] | None = None,
     features: list[np.ndarray] | None = None,
 ) -> list[ImageRecord]:
     """Grade and save one detected step of radiographs; returns their journal records.
@@ -409,13 +598,12 @@ def _grade_step(
     and a rerun does not meet the same failure again.
     """
     joints = [joint for detection in detections.values() for joint in detection.joints]  # in step order
-    graded = grader.grade_each([joint.crop for joint in joints], grade_cfg.batch, features)
+    graded = grader.grade_each([joint.crop for joint in joints], work.grade_cfg.batch, features)
     logits_by_joint = {id(joint): logits for joint, logits in zip(joints, graded, strict=True)}
 
     records = []
-    for path, item, thumbnail in step:
-        name = names[path]
-        record = image_record(name, path)
+    for film, item, thumbnail in step:
+        record = image_record(film.name, film.path)
         if isinstance(item, ImageReadError):
             record["message"] = item.reason
             records.append(record)
@@ -423,13 +611,20 @@ def _grade_step(
         thumbnail_note = ""
         try:
             thumbnail_note = _fill_record(
-                record, item, thumbnail, detections[id(item)], logits_by_joint, keys[name], out_dir, pipeline_cfg
+                record,
+                item,
+                thumbnail,
+                detections[id(item)],
+                logits_by_joint,
+                film.key,
+                work.out_dir,
+                work.pipeline_cfg,
             )
         except Exception as err:  # this file's problem only: its record says what happened
             record.update(
                 {"status": STATUS_ERROR, "message": f"processing failed ({type(err).__name__}: {err})", "knees": []}
             )
-        file_notes = [note for note in ((notes or {}).get(name), *item.notes, thumbnail_note) if note]
+        file_notes = [note for note in (film.note, *item.notes, thumbnail_note) if note]
         if file_notes:
             _add_note(record, "; ".join(file_notes))
         records.append(record)
