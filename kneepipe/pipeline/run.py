@@ -288,9 +288,10 @@ def run_pipeline(
     started = time.perf_counter()
     features: list[np.ndarray] = []  # pooled features of the knees graded now, for the shift score
     work = FilmWork(plan.out_dir, pipeline_cfg, detect_cfg, grade_cfg)
-    with closing(graded_steps(plan.todo, detector, grader, work, features)) as steps:
-        for records in steps:
+    with closing(graded_steps(plan.todo, detector, grader, work)) as steps:
+        for records, pooled in steps:
             journal.write(records)
+            features.extend(pooled)
     seconds = time.perf_counter() - started
     return close_run(plan, pipeline_cfg, grade_cfg, grader, detector.version, features, journal, seconds)
 
@@ -455,13 +456,12 @@ def close_run(
 
 
 def graded_steps(
-    films: Sequence[Film],
-    detector: Detector,
-    grader: Grader,
-    work: FilmWork,
-    features: list[np.ndarray] | None = None,
-) -> Generator[list[ImageRecord], None, None]:
-    """Decode, detect, grade and save ``films`` step by step; yields each step's journal records in input order.
+    films: Sequence[Film], detector: Detector, grader: Grader, work: FilmWork
+) -> Generator[tuple[list[ImageRecord], list[np.ndarray]], None, None]:
+    """Decode, detect, grade and save ``films`` step by step; yields each step's results in input order.
+
+    A step's results are its journal records and the pooled features of its graded knees
+    (for the batch's shift score).
 
     Films are decoded ahead in threads and detected ``pipeline_cfg.batch`` at a time, while
     up to ``grade_workers`` earlier steps are graded and saved in threads (both frameworks
@@ -485,7 +485,7 @@ def graded_steps(
         decoded = ((film, item, prepared) for film, (_, item, prepared) in zip(films, stream, strict=False))
         for step in _steps(decoded, pipeline_cfg.batch):
             detections = _detect_step(detector, step)
-            in_flight.append(grading.submit(_grade_step, step, detections, work, grader, features))
+            in_flight.append(grading.submit(_grade_step, step, detections, work, grader))
             while len(in_flight) > pipeline_cfg.grade_workers or (in_flight and in_flight[0].done()):
                 yield in_flight.popleft().result()
         while in_flight:
@@ -589,15 +589,15 @@ def _grade_step(
     detections: dict[int, Detection],
     work: FilmWork,
     grader: Grader,
-    features: list[np.ndarray] | None = None,
-) -> list[ImageRecord]:
-    """Grade and save one detected step of radiographs; returns their journal records.
+) -> tuple[list[ImageRecord], list[np.ndarray]]:
+    """Grade and save one detected step of radiographs; returns their journal records and the knees' features.
 
     Whatever goes wrong with one file (a crop that cannot be written, a full disk for its
     thumbnail, anything unexpected) ends in that file's record, so the step is journaled
     and a rerun does not meet the same failure again.
     """
     joints = [joint for detection in detections.values() for joint in detection.joints]  # in step order
+    features: list[np.ndarray] = []
     graded = grader.grade_each([joint.crop for joint in joints], work.grade_cfg.batch, features)
     logits_by_joint = {id(joint): logits for joint, logits in zip(joints, graded, strict=True)}
 
@@ -628,7 +628,7 @@ def _grade_step(
         if file_notes:
             _add_note(record, "; ".join(file_notes))
         records.append(record)
-    return records
+    return records, features
 
 
 def _add_note(record: ImageRecord, note: str) -> None:
