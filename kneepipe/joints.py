@@ -38,6 +38,10 @@ class Joint:
         confidence: the detector's confidence for this joint, 0-1.
         crop: the joint crop, 2-D ``uint8`` (224x224 by default), framed like the
             OAI training crops.
+        review: why a reader should check this knee before trusting its grade (a low
+            detector confidence, a side conflict, a turned film...); empty when nothing is
+            doubtful. Any check may add a reason with
+            ``dataclasses.replace(joint, review=(*joint.review, reason))``.
     """
 
     image: Path
@@ -45,6 +49,17 @@ class Joint:
     box: tuple[float, float, float, float]
     confidence: float
     crop: np.ndarray = field(repr=False)
+    review: tuple[str, ...] = ()
+
+    @property
+    def needs_review(self) -> bool:
+        """Whether any check asked for a reader's look at this knee."""
+        return bool(self.review)
+
+    @property
+    def review_reason(self) -> str:
+        """The review reasons as one line, ``"; "``-separated (``""`` when none)."""
+        return "; ".join(self.review)
 
 
 @dataclass(frozen=True)

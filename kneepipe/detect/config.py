@@ -28,6 +28,8 @@ class DetectConfig:
     max_side: int = field(metadata=rule(range=(256, 16384)))
     max_pixels: int = field(metadata=rule(range=(1_000_000, 1_600_000_000)))
     overexposed_fraction: float = field(metadata=rule(range=(0.0, 1.0)))
+    review_conf: float = field(metadata=rule(range=(0.0, 1.0)))
+    side_conf: float = field(metadata=rule(range=(0.5, 1.0)))
 
     # Training.
     train_crops: str | None

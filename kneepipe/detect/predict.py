@@ -25,6 +25,7 @@ import numpy as np
 from kneepipe.config import save_config
 from kneepipe.detect.config import DetectConfig
 from kneepipe.detect.framing import crop_joint, square_box
+from kneepipe.detect.side import SideClassifier, decide_side
 from kneepipe.files import FORMULA_STARTS, MAX_KEY_LENGTH, file_version, write_atomic, write_csv_atomic
 from kneepipe.imaging import ImageReadError, Radiograph, list_inputs, read_radiograph
 from kneepipe.joints import (
@@ -37,6 +38,7 @@ from kneepipe.joints import (
     STATUS_SKIPPED,
     Detection,
     Joint,
+    Side,
 )
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,8 @@ JOINTS_CSV_COLUMNS = (
     "crop",
     "status",
     "message",
+    "needs_review",
+    "review_reason",
 )
 _NEAR_WHITE = 250
 
@@ -186,6 +190,7 @@ class JointDetector:
     weights: Path
     version: str
     runtime: str = "torch"  # what runs the network: "onnx (detector.onnx)" or "torch"
+    side_classifier: SideClassifier | None = field(default=None, repr=False)  # reads a knee's side from its anatomy
     framing: ClassVar[str] = CROP_FRAMING  # how its crops are cut (kneepipe.detect.framing)
 
     @classmethod
@@ -224,7 +229,14 @@ class JointDetector:
         names = [str(model.names[i]) for i in sorted(model.names)]
         if names != ["right_knee", "left_knee"]:
             raise ValueError(f"{weights}: expected classes right_knee, left_knee, got {names}")
-        return cls(model=model, config=config, weights=weights, version=file_version(weights), runtime=runtime)
+        return cls(
+            model=model,
+            config=config,
+            weights=weights,
+            version=file_version(weights),
+            runtime=runtime,
+            side_classifier=SideClassifier.load(),
+        )
 
     def detect(self, radiographs: Sequence[Radiograph]) -> list[Detection]:
         """Find the knee joints of each radiograph (one model call per batch).
@@ -331,9 +343,13 @@ class JointDetector:
     def to_detection(self, radiograph: Radiograph, boxes: np.ndarray) -> Detection:
         """Turn one image's raw boxes into joints: sides, square boxes, crops, source pixels.
 
-        Two knees side by side on one film are sided by position (the patient's right
-        knee is on the image's left); a single knee takes the file's laterality tag
-        when it has one, else the side the model reads from its anatomy.
+        A single knee takes the file's laterality tag when it has one, else the side the
+        side classifier reads from its anatomy (the fibula is lateral); two knees side by
+        side on one film take their position (the patient's right knee on the image's
+        left). The anatomy checks the tag and the position: when it disagrees (a mirrored
+        film), or reads a single knee unsurely, the message says so and the knee is
+        flagged for review (:func:`kneepipe.detect.side.decide_side`). A knee found below
+        ``config.review_conf`` is flagged too.
         """
         pixels = radiograph.pixels
         height, width = pixels.shape
@@ -350,21 +366,34 @@ class JointDetector:
                 f"{len(dropped)} dropped ({where}): max_det is {self.config.max_det}"
             )
             boxes = boxes[: self.config.max_det]
-        sides = [SIDES[int(row[5])] for row in boxes]
+        squares = [square_box(tuple(row[:4]), image_size=(width, height)) for row in boxes]
+        crops = [crop_joint(pixels, box, size=self.config.crop_size) for box in squares]
+        positions: list[Side | None] = [None] * len(boxes)
         if len(boxes) == 2 and _side_by_side(boxes[0], boxes[1]):
-            # Two knees on one film: on AP/PA films the patient's right is the image's left,
-            # a convention more reliable than the anatomy the model reads from each knee.
+            # Two knees on one film: on AP/PA films the patient's right is the image's left.
             left_first = (boxes[0][0] + boxes[0][2]) < (boxes[1][0] + boxes[1][2])
-            sides = ["R", "L"] if left_first else ["L", "R"]
-        elif len(boxes) == 1 and radiograph.laterality in SIDES:
-            sides = [radiograph.laterality]  # the file states which knee it shows
-        joints = []
-        for row, side in zip(boxes, sides, strict=True):
-            box = square_box(tuple(row[:4]), image_size=(width, height))
-            crop = crop_joint(pixels, box, size=self.config.crop_size)
-            x1, y1, x2, y2 = (float(v) / radiograph.scale for v in box)
-            source_box = (x1, y1, x2, y2)
-            joints.append(Joint(radiograph.path, side, source_box, float(row[4]), crop))
+            positions = ["R", "L"] if left_first else ["L", "R"]
+        tag = radiograph.laterality if len(boxes) == 1 else None  # the file states which knee it shows
+        anatomy = self.side_classifier.probability_right(crops) if self.side_classifier else None
+        joints, doubts = [], []
+        for index, (row, box, crop) in enumerate(zip(boxes, squares, crops, strict=True)):
+            review = []
+            if anatomy is None:  # no side classifier: the side the detector's class reads
+                side: Side = positions[index] or tag or SIDES[int(row[5])]
+            else:
+                right = float(anatomy[index])
+                read: tuple[Side, float] = ("R", right) if right >= 0.5 else ("L", 1 - right)
+                decision = decide_side(read, tag=tag, position=positions[index], min_anatomy=self.config.side_conf)
+                side = decision.side
+                if decision.doubt:
+                    review.append(decision.doubt)
+                    doubts.append(f"{side} knee: {decision.doubt}")
+            if row[4] < self.config.review_conf:
+                review.append(f"low detector confidence {row[4]:.2f} (below review_conf {self.config.review_conf:g})")
+            source_box = tuple(float(v) / radiograph.scale for v in box)
+            joints.append(Joint(radiograph.path, side, source_box, float(row[4]), crop, tuple(review)))  # type: ignore[arg-type]
+        if doubts:
+            note = "; ".join(filter(None, [note, *doubts]))
         joints.sort(key=lambda joint: (joint.box[0] + joint.box[2]) / 2)
         return Detection(radiograph.path, tuple(joints), message=note)
 
@@ -415,6 +444,8 @@ def write_joint_rows(detection: Detection, out_dir: Path, taken: set[str]) -> li
                 "crop": "",
                 "status": detection.status,
                 "message": detection.message,
+                "needs_review": "",
+                "review_reason": "",
             }
         ]
     rows = []
@@ -437,6 +468,8 @@ def write_joint_rows(detection: Detection, out_dir: Path, taken: set[str]) -> li
                 "crop": name,
                 "status": STATUS_OK,
                 "message": detection.message,
+                "needs_review": str(joint.needs_review).lower(),
+                "review_reason": joint.review_reason,
             }
         )
     return rows

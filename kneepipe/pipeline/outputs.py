@@ -50,6 +50,8 @@ RESULTS_COLUMNS = [
     "crop",
     "status",
     "message",
+    "needs_review",
+    "review_reason",
 ]
 
 
@@ -241,6 +243,8 @@ def results_rows(images: dict[str, ImageRecord]) -> list[dict[str, Any]]:
                 "crop": knee["crop"],
                 "status": knee["status"],
                 "message": knee["message"],
+                "needs_review": str(knee.get("needs_review", False)).lower(),
+                "review_reason": knee.get("review_reason", ""),
             }
             if knee["status"] == STATUS_OK:
                 row["kl_grade"] = knee["kl_grade"]
@@ -261,6 +265,7 @@ def batch_summary(images: dict[str, ImageRecord], group_pattern: str | None = No
             "knees_graded": len(grades),
             "grade_counts": np.bincount(np.asarray(grades, dtype=int), minlength=len(KL_GRADES)).tolist(),
             "refused": dict(sorted(refused.items())),
+            "knees_needing_review": sum(knee.get("needs_review", False) for r in records for knee in r["knees"]),
         }
 
     records = list(images.values())

@@ -28,6 +28,8 @@ class KneeRecord(TypedDict):
     status: str
     message: str
     logits: list[float] | None
+    needs_review: NotRequired[bool]  # a reader should check this knee (absent in journals of older versions)
+    review_reason: NotRequired[str]  # why, "; "-separated: low detector confidence, side conflict, ...
     probabilities: NotRequired[list[float]]
     kl_grade: NotRequired[int]
 

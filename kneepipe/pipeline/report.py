@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from kneepipe.pipeline.outputs import PipelineRun
     from kneepipe.pipeline.records import ImageRecord
 
-DETECT_SHOWN = ("imgsz", "conf", "iou", "max_det", "max_side", "overexposed_fraction")
+DETECT_SHOWN = ("imgsz", "conf", "iou", "max_det", "max_side", "overexposed_fraction", "review_conf")
 STATUS_TEXT = {
     "no_knee": "no knee found",
     "not_gradable_view": "view not gradable for KL",
@@ -74,6 +74,8 @@ th{background:#eef1f4} td.l,th.l{text-align:left}
 .bar div{height:10px;background:#3a78c2;border-radius:2px}
 .bar.top div{background:#c2553a}
 .warn{color:#9a4b00} .refused{color:#8a1f11}
+.knee.review{background:#fff4e0;border-left:4px solid #d98a00;padding-left:8px}
+.review-badge{display:inline-block;background:#d98a00;color:#fff;border-radius:3px;padding:0 6px;font-weight:bold}
 summary{cursor:pointer;color:#3a78c2}
 pre{background:#f1f3f5;padding:10px;border-radius:4px;overflow-x:auto;font-size:12px}
 img.plot{max-width:100%;border:1px solid #e4e8ec;background:#fff}
@@ -213,6 +215,7 @@ def write_report(run: PipelineRun, pipeline_cfg: PipelineConfig, grader: Grader,
         ("read", summary["images_read"]),
         ("knees graded", summary["knees_graded"]),
         ("refused", sum(refused.values())),
+        ("knees to review", summary.get("knees_needing_review", 0)),
     ]
     if metrics:
         stats.append(("accuracy (end to end)", f"{100 * (metrics['accuracy'] or 0):.1f}%"))
@@ -265,7 +268,9 @@ def write_report(run: PipelineRun, pipeline_cfg: PipelineConfig, grader: Grader,
         "<p class=\"muted small\">Boxes: right knee blue, left knee amber; the patient's right knee is on the image's "
         "left on an AP view. Heat map: Grad-CAM of the grade given (red = what drove it most). "
         f"Grade from the probabilities by the {html.escape(grader.preprocessing.decision)} "
-        "rule (see Models and configuration); its bar is red.</p>"
+        "rule (see Models and configuration); its bar is red. Knees marked "
+        "<span class=review-badge>needs review</span> rest on something doubtful (the reason is given): "
+        "check them before trusting their grade.</p>"
     )
     for record in shown[:limit]:
         thumbnail, scale = _thumbnail(record, out_dir, pipeline_cfg.thumbnail_size or 640)
@@ -385,4 +390,9 @@ def _knee_html(record, knee, out_dir: Path, heat: np.ndarray | str | None, truth
         lines.append(f"<div>labelled KL {truth['true_grade']} ({truth['outcome']})</div>")
     if knee.get("message"):
         lines.append(f'<div class="warn small">{html.escape(knee["message"])}</div>')
-    return f'<div class="knee">{"".join(images)}<div>{"".join(lines)}</div></div>'
+    review = ""
+    if knee.get("needs_review"):
+        review = " review"
+        reason = html.escape(knee.get("review_reason", ""))
+        lines.insert(1, f'<div><span class="review-badge">needs review</span> <span class="warn">{reason}</span></div>')
+    return f'<div class="knee{review}">{"".join(images)}<div>{"".join(lines)}</div></div>'

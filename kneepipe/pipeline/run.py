@@ -684,6 +684,8 @@ def _fill_record(
             "status": STATUS_OK,
             "message": note,
             "logits": None,
+            "needs_review": joint.needs_review,
+            "review_reason": joint.review_reason,
         }
         if isinstance(logits, str):
             knee.update({"status": STATUS_ERROR, "message": logits})

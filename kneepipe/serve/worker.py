@@ -215,7 +215,10 @@ def build_views(images: dict[str, dict[str, Any]], folder: Path, grader=None) ->
     for name, record in images.items():
         knees = []
         for knee in record["knees"]:
-            view = {key: knee.get(key) for key in ("side", "box", "det_confidence", "crop", "status", "message")}
+            view = {
+                key: knee.get(key)
+                for key in ("side", "box", "det_confidence", "crop", "status", "message", "review_reason")
+            }
             # A knee needs a reader's look when the pipeline says so, failed to grade it or noted something.
             view["needs_review"] = (
                 bool(knee.get("needs_review")) or knee["status"] != STATUS_OK or bool(knee["message"])

@@ -246,3 +246,23 @@ def reference_statistics(
         reference = fit_reference(loaded, crops, source, progress=lambda done, _: bar.update(task, completed=done))
     written = write_reference(reference, out or reference_path(loaded.path), file_digest(loaded.path))
     console.print(f"statistics of {len(crops)} training crops for {loaded.version} -> {written}")
+
+
+def train_side(
+    data: Annotated[Path, typer.Option("--data", help="OAI crops: train/ and val/ of <kl_grade>/<patient><L|R>.png.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Default: the shipped kneepipe/weights/side.npz.")
+    ] = None,
+) -> None:
+    """Fit the anatomy side classifier on the train crops and measure it on val (seconds, CPU)."""
+    from kneepipe.detect.side import DEFAULT_SIDE_WEIGHTS, train_side_classifier
+
+    target = out or DEFAULT_SIDE_WEIGHTS
+    try:
+        metrics = train_side_classifier(data, target)
+    except (FileNotFoundError, ValueError) as err:
+        fail(str(err), EXIT_FAILED)
+    console.print(
+        f"side classifier -> {target}: train accuracy {metrics['train_accuracy']:.4f} "
+        f"({metrics['train_crops']} crops), val accuracy {metrics['val_accuracy']:.4f} ({metrics['val_crops']} crops)"
+    )

@@ -351,6 +351,7 @@ function renderKnee(run, film, knee, index, corrections) {
   }
   facts.append(el("div", { class: "muted", text: `detector confidence ${knee.det_confidence}` }));
   if (knee.needs_review) facts.append(el("span", { class: "badge review", text: "needs review" }));
+  if (knee.review_reason) facts.append(el("div", { class: "warning", text: knee.review_reason }));
   if (knee.message) facts.append(el("div", { class: "warning", text: knee.message }));
   const correction = corrections.get(`${index}\u0000${film.image}`);
   if (correction) {
