@@ -6,6 +6,7 @@ command runs.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,6 +29,13 @@ from kneepipe.cli_common import (
 MAX_LISTED = 30  # refused files named in the summary; all of them are in results.csv
 
 
+class Engine(StrEnum):
+    """Where ``kneepipe run`` grades: in this process, or on a Ray cluster's model-holding actors."""
+
+    local = "local"
+    ray = "ray"
+
+
 def split_overrides(overrides: list[str] | None) -> dict[str, list[str]]:
     """Route ``key=value`` overrides to their stage: ``detect.conf=0.3`` -> detect, ``batch=8`` -> pipeline.
 
@@ -38,7 +46,13 @@ def split_overrides(overrides: list[str] | None) -> dict[str, list[str]]:
 
 
 def run(
-    inputs: Annotated[Path, typer.Argument(help="A radiograph, or a folder of radiographs (searched recursively).")],
+    inputs: Annotated[
+        Path,
+        typer.Argument(
+            help="A radiograph, a folder of radiographs (searched recursively), "
+            "or a .txt list of paths or file:// URIs."
+        ),
+    ],
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Run folder: results.csv, crops, args.yaml (resumed if interrupted).")
     ],
@@ -73,6 +87,19 @@ def run(
     grade_config: Annotated[
         Path | None, typer.Option("--grade-config", help="YAML overriding configs/grade.yaml.")
     ] = None,
+    engine: Annotated[
+        Engine, typer.Option(help="local: this process; ray: model-holding actors on a Ray cluster (Ray Data).")
+    ] = Engine.local,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="With --engine ray: the cluster to join ('auto': the one `ray start` set up on this node); "
+            "default: a Ray instance started on this machine."
+        ),
+    ] = None,
+    actor_cpus: Annotated[
+        float, typer.Option(help="With --engine ray: CPUs each actor (one detector and one grader) reserves.", min=0.5)
+    ] = 2.0,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide the progress bar.")] = False,
     strict: StrictOption = False,
     verbose: VerboseOption = False,
@@ -108,6 +135,8 @@ def run(
     )
     if not inputs.exists():
         fail(f"{inputs}: no such file or folder")
+    if engine is Engine.local and address is not None:
+        fail("--address names a Ray cluster: pass --engine ray too", EXIT_CONFIG)
     if labels is not None:
         from kneepipe.pipeline.evaluate import read_labels
 
@@ -124,6 +153,20 @@ def run(
 
     from kneepipe.pipeline.run import load_models, run_pipeline
     from kneepipe.pipeline.state import OutputConflictError
+
+    if engine is Engine.ray:
+        try:
+            from ray.exceptions import RayError
+        except ImportError:
+            fail("--engine ray needs Ray: pip install 'kneepipe[ray]'")
+        from kneepipe.pipeline.ray_engine import run_pipeline_ray
+
+        def run_on_engine(*args, **kwargs):
+            return run_pipeline_ray(*args, address=address, actor_cpus=actor_cpus, **kwargs)
+
+        engine_errors: tuple[type[Exception], ...] = (RayError, ConnectionError)
+    else:
+        run_on_engine, engine_errors = run_pipeline, ()
 
     try:
         with native_logs_hidden():
@@ -152,7 +195,7 @@ def run(
     ) as bar:
         task = bar.add_task("run", total=None, rate="")
         try:
-            result = run_pipeline(
+            result = run_on_engine(
                 inputs,
                 out,
                 pipeline_cfg,
@@ -162,6 +205,7 @@ def run(
                 progress=on_progress,
                 detector=detector,
                 grader=grader,
+                extra={"engine": engine.value},
             )
         except OutputConflictError as err:
             fail(str(err), EXIT_CONFIG)
@@ -169,6 +213,8 @@ def run(
             fail(str(err))
         except KeyboardInterrupt:
             fail(f"interrupted; the same command continues where it stopped (journal in {out})")
+        except engine_errors as err:  # the cluster cannot be reached, or a step failed on every retry
+            fail(f"the Ray run stopped: {err}; the same command continues where it stopped (journal in {out})")
         except OSError as err:  # the run folder cannot be written: a full disk, no permission
             fail(f"cannot write the run folder {out}: {err.strerror or err}; the same command resumes once it can")
     if dicom:
