@@ -65,6 +65,13 @@ def test_export_writes_an_int8_network_the_grader_finds_and_checks(tiny_grader_f
     np.testing.assert_allclose(
         grader.predict_with_features(crops)[1], keras_grader.predict_with_features(crops)[1], atol=0.05, rtol=0.1
     )
+    # Concurrent requests come back in order: the batch's outputs equal each crop's run alone.
+    x = grader.prepare(crops[:5])
+    together = grader.compiled(x)
+    alone = [grader.compiled(x[i : i + 1]) for i in range(5)]
+    for layer, outputs in enumerate(together):
+        assert outputs.shape[0] == 5
+        np.testing.assert_array_equal(outputs, np.concatenate([one[layer] for one in alone]))
 
     # A changed IR is refused by its checksum; the grader then runs on Keras and says why.
     copy = xml_path.parent / "changed"
