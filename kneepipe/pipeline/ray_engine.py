@@ -152,7 +152,9 @@ def run_pipeline_ray(
 
         joined = not ray.is_initialized()
         if joined:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+            # Under the caller's own progress bar, Ray's warnings and notes would break it: errors only.
+            level = logging.ERROR if progress else logging.WARNING
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=level)
         try:
             work = FilmWork(plan.out_dir, pipeline_cfg, detect_cfg, grade_cfg)
             graded = _graded_on_ray(plan.todo, work, actor_cpus, actors, steps_per_task, not progress)
@@ -182,6 +184,8 @@ def _graded_on_ray(
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = show_progress
     context.print_on_execution_start = show_progress
+    if not show_progress:  # the caller shows progress: Ray Data's notes and statistics would break it
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
     batch = work.pipeline_cfg.batch
     steps = -(-len(films) // batch)
     # Tasks of whole steps, so every step holds the films a local run would grade together.
