@@ -24,6 +24,7 @@ STATUS_OK = "ok"
 STATUS_NO_KNEE = "no_knee"
 STATUS_NOT_GRADABLE_VIEW = "not_gradable_view"
 STATUS_ERROR = "error"
+STATUS_ROTATED = "rotated"  # the film lies sideways and no knee was found on it turned upright
 STATUS_SKIPPED = "skipped"  # an entry under the input folder that is not read (not an image, hidden, ...)
 
 
@@ -67,7 +68,7 @@ class Detection:
     """What the detector concluded about one radiograph: its joints, or why none.
 
     ``status`` is ``ok`` when ``joints`` is non-empty, else ``no_knee``,
-    ``not_gradable_view`` or ``error`` with ``message`` saying why.
+    ``not_gradable_view``, ``rotated`` or ``error`` with ``message`` saying why.
     """
 
     image: Path

@@ -55,6 +55,87 @@ def _val_crops(oai_dir: Path) -> tuple[list[np.ndarray], np.ndarray]:
     return crops, np.array([side_from_name(path) == "R" for path in paths])
 
 
+# --- scale and orientation ------------------------------------------------------------------------
+
+
+def _found(detection, boxes, threshold=0.5) -> list[float]:
+    """Best IoU of each reference box with the detection's joints."""
+    return [max((detect_scales.iou(box, joint.box) for joint in detection.joints), default=0.0) for box in boxes]
+
+
+def test_every_shared_film_upright_reads_upright_and_turned_reads_sideways(radiographs_dir):
+    from kneepipe.detect.orientation import bone_orientation
+    from kneepipe.imaging import find_images
+
+    paths = find_images(radiographs_dir)
+    assert len(paths) == 27
+    for path in paths:
+        pixels = read_radiograph(path).pixels
+        assert not bone_orientation(pixels).sideways, path.name
+        assert bone_orientation(np.rot90(pixels)).sideways, path.name
+        assert bone_orientation(np.rot90(pixels, -1)).sideways, path.name
+
+
+def test_a_real_single_knee_enlarged_to_fill_the_frame_is_found(detector, reference):
+    # The issue's film: one AP knee across 70% of a portrait film's width, cut from a real
+    # bilateral film and enlarged (1200 x 1560 px); the reference box is carried over exactly.
+    films = detect_scales.load_films()
+    for name, index in (("stage_2_7.jpg", 0), ("arthritis_5.jpg", 0), ("stage_1_3.jpg", 1)):
+        knees = [box for _, box in reference[name]]
+        film, boxes = detect_scales.cut_film(films[name], knees, knees[index], 0.7, np.random.default_rng(index))
+        assert film.shape[1] == 1200 and len(boxes) == 1
+        detection = detector.detect([_film(film, f"{name}-enlarged.png")])[0]
+        assert detection.status == "ok", (name, detection.message)
+        assert _found(detection, boxes)[0] >= 0.5, name
+
+
+def test_a_film_stored_on_its_side_is_found_turned_and_flagged(detector, reference):
+    films = detect_scales.load_films()
+    knees = [box for _, box in reference["stage_2_7.jpg"]]
+    for turns in (1, 3):
+        film, boxes = detect_scales.turn_film(films["stage_2_7.jpg"], knees, turns)
+        detection = detector.detect([_film(film, "sideways.png")])[0]
+        assert detection.status == "ok" and "film stored on its side" in detection.message
+        assert min(_found(detection, boxes)) >= 0.5
+        assert sorted(joint.side for joint in detection.joints) == ["L", "R"]
+        for joint in detection.joints:
+            assert joint.crop.shape == (224, 224)
+            assert "film stored on its side" in joint.review_reason
+
+
+def test_a_sideways_film_without_a_knee_is_refused_as_rotated(detector, radiographs_dir):
+    foot = read_radiograph(radiographs_dir / "stage_1_5.jpg").pixels
+    detection = detector.detect([_film(np.rot90(foot), "foot-sideways.png")])[0]
+    assert detection.status == "rotated" and not detection.joints
+    assert "lies sideways" in detection.message
+
+
+def test_a_tilted_film_is_detected_straightened(detector, reference):
+    films = detect_scales.load_films()
+    knees = [box for _, box in reference["stage_2_7.jpg"]]
+    for degrees in (-20, 20):
+        film, boxes = detect_scales.tilt_film(films["stage_2_7.jpg"], knees, degrees)
+        detection = detector.detect([_film(film, "tilted.png")])[0]
+        assert "film tilted" in detection.message
+        assert min(_found(detection, boxes)) >= 0.5, degrees
+
+
+def test_two_views_side_by_side_give_no_box_between_them(detector, radiographs_dir):
+    # An AP view beside a lateral view of a knee, on one film: a joint may lie on either view, never
+    # across the gap between them.
+    ap = read_radiograph(radiographs_dir / "arthritis_7.jpg").pixels
+    lateral = read_radiograph(radiographs_dir / "arthritis_3.jpg").pixels
+    height = 1200
+    views = [cv2.resize(view, (round(view.shape[1] * height / view.shape[0]), height)) for view in (ap, lateral)]
+    film = np.hstack(views)
+    seam = views[0].shape[1]
+    detection = detector.detect([_film(film, "two-views.png")])[0]
+    for joint in detection.joints:
+        x1, _, x2, _ = joint.box
+        overlap = max(0.0, min(x2, seam) - max(x1, 0)), max(0.0, x2 - max(x1, seam))
+        assert max(overlap) >= 0.8 * (x2 - x1), (joint.box, seam)
+
+
 # --- side from anatomy -----------------------------------------------------------------------------
 
 

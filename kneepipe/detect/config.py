@@ -21,6 +21,9 @@ class DetectConfig:
     conf: float = field(metadata=rule(range=(0.0, 1.0)))
     pair_conf: float = field(metadata=rule(range=(0.0, 1.0)))
     rescue_below: float = field(metadata=rule(range=(0.0, 1.0)))
+    search_below: float = field(metadata=rule(range=(0.0, 1.0)))
+    search_conf: float = field(metadata=rule(range=(0.0, 1.0)))
+    search_empty: bool
     iou: float = field(metadata=rule(range=(0.0, 1.0)))
     max_det: int = field(metadata=rule(range=(1, 16)))
     batch: int = field(metadata=rule(range=(1, 256)))

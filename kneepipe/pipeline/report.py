@@ -47,6 +47,7 @@ DETECT_SHOWN = ("imgsz", "conf", "iou", "max_det", "max_side", "overexposed_frac
 STATUS_TEXT = {
     "no_knee": "no knee found",
     "not_gradable_view": "view not gradable for KL",
+    "rotated": "film lies sideways",
     "error": "could not be processed",
 }
 
