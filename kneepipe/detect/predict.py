@@ -73,8 +73,8 @@ SEARCH_CANVAS_ZOOM = 0.6
 SEARCH_TILE = 0.6
 """The search's tiles: this share of the film's width and height, one at each corner."""
 STRAIGHTEN_TILT = 8.0
-"""A film whose edges lean by at least this many degrees is detected straightened (upright films read
-within 5.2 degrees on the shared radiographs, tilts of 10 and 20 degrees within 6.7)."""
+"""A film whose edges lean by at least this many degrees is detected straightened (the upright AP films
+among the shared radiographs read within 6.6 degrees; those tilted by 10 and 20 degrees within 6.7 of it)."""
 
 
 @dataclass(frozen=True)
