@@ -30,7 +30,7 @@ from kneepipe.imaging import InputListing
 from kneepipe.pipeline.config import PipelineConfig
 from kneepipe.pipeline.ray_engine import run_pipeline_ray
 from kneepipe.pipeline.records import image_record
-from kneepipe.pipeline.run import Film, RunInputs, RunJournal, RunPlan, run_pipeline
+from kneepipe.pipeline.run import Film, RunInputs, RunJournal, RunPlan, find_run_inputs, run_pipeline
 
 BAD_FILES = {  # name -> words of the reason its error row gives
     "truncated.jpg": "truncated",
@@ -128,8 +128,17 @@ def test_the_cli_on_ray_writes_the_local_results(tmp_path, cluster, raw, local_r
 
 
 @pytest.mark.slow
-def test_an_interrupted_ray_run_is_resumed_by_the_local_engine(tmp_path, cluster, raw, configs, models, local_run):
+def test_an_interrupted_ray_run_on_a_list_is_resumed_by_the_local_engine(
+    tmp_path, cluster, raw, configs, models, local_run
+):
+    """The films named by a list on storage: stopped after one step on Ray, finished locally."""
     detector, grader = models
+    films = tmp_path / "films.txt"  # beside the films' folder: names are raw/<file>
+    copied = shutil.copytree(raw, tmp_path / raw.name)
+    lines = [f"# {len(list(copied.iterdir()))} films", ""]
+    for i, path in enumerate(sorted(copied.iterdir())):
+        lines.append(f"file://{path}" if i % 2 else f"{raw.name}/{path.name}")
+    films.write_text("\n".join([*lines, f"{raw.name}/notes.png"]) + "\n")  # a film listed twice is read once
     out = tmp_path / "out"
 
     def kill_after_a_step(done, total):
@@ -138,16 +147,53 @@ def test_an_interrupted_ray_run_is_resumed_by_the_local_engine(tmp_path, cluster
 
     with pytest.raises(Killed):
         run_pipeline_ray(
-            raw, out, *configs, progress=kill_after_a_step, detector=detector, grader=grader, steps_per_task=1
+            films, out, *configs, progress=kill_after_a_step, detector=detector, grader=grader, steps_per_task=1
         )
     assert not (out / "results.csv").exists()
     before = journaled_names(out)
     assert len(before) == configs[0].batch  # one step of films came back and was journaled
 
-    resumed = run_pipeline(raw, out, *configs, detector=detector, grader=grader)
+    resumed = run_pipeline(films, out, *configs, detector=detector, grader=grader)
     assert (resumed.resumed, resumed.processed) == (len(before), 30 - len(before))
-    assert sorted(journaled_names(out)) == sorted(journaled_names(local_run))
-    assert (out / "results.csv").read_text() == (local_run / "results.csv").read_text()
+    names = journaled_names(out)
+    assert sorted(names) == sorted(f"{raw.name}/{name}" for name in journaled_names(local_run))
+    # The same rows in the same order, but for the names (and so the crops' names) under raw/.
+    with (out / "results.csv").open(newline="") as handle, (local_run / "results.csv").open(newline="") as local:
+        listed, folder = list(csv.DictReader(handle)), list(csv.DictReader(local))
+    assert [row["image"] for row in listed] == [f"{raw.name}/{row['image']}" for row in folder]
+    ignored = {"image", "crop"}
+    assert [{k: v for k, v in row.items() if k not in ignored} for row in listed] == [
+        {k: v for k, v in row.items() if k not in ignored} for row in folder
+    ]
+
+
+def test_a_list_names_each_film_once_and_refuses_what_it_cannot_read(tmp_path):
+    (tmp_path / "films").mkdir()
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    listed = lists / "films.txt"
+    listed.write_text(
+        "# films on the shared storage\n"
+        "\n"
+        "../films/a.png\n"
+        f"{tmp_path}/films/a.png\n"  # the same film again
+        f"file://{tmp_path}/films/b%20c.png\n"
+        "local.png\n"
+        "/mnt/elsewhere/IM0001\n"
+        "/mnt/other/IM0001\n"
+    )
+    found = find_run_inputs(listed, tmp_path / "out")
+    assert found.files == [
+        tmp_path / "films/a.png",
+        tmp_path / "films/b c.png",
+        lists / "local.png",
+        Path("/mnt/elsewhere/IM0001"),
+        Path("/mnt/other/IM0001"),
+    ]  # listed files that are missing get their error row when read
+    assert found.root == lists
+    listed.write_text("a.png\ns3://bucket/knees/b.png\n")
+    with pytest.raises(ValueError, match=r"films.txt:2: s3://bucket/knees/b.png: s3:// storage cannot be read"):
+        find_run_inputs(listed, tmp_path / "out")
 
 
 @pytest.mark.slow

@@ -31,6 +31,7 @@ under the input folder (a text file, a hidden file, a FIFO, a broken link) gets 
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
@@ -344,7 +345,7 @@ def read_input_list(list_file: Path) -> InputListing:
                 f"{list_file}:{number}: {entry}: {scheme}:// storage cannot be read directly; "
                 "list the paths where it is mounted on every node (NFS, s3fs, gcsfuse)"
             )
-        path = Path(entry) if Path(entry).is_absolute() else list_file.parent / entry
+        path = Path(os.path.normpath(Path(entry) if Path(entry).is_absolute() else list_file.parent / entry))
         if path not in seen:
             seen.add(path)
             listing.files.append(path)
@@ -402,7 +403,7 @@ def open_run(
     journal = out_dir / JOURNAL
     repair_journal(journal)
     done = read_journal(journal)
-    names = {path: relative_name(path, root) for path in files}
+    names = {path: _input_name(path, root) for path in files}
     keys = output_keys([names[path] for path in files])
     outside = set(found.listing.outside_links)
     outside_note = "read through a link to a file outside the input folder"
@@ -545,6 +546,20 @@ def _saved_crops(knees: list[KneeRecord], out_dir: Path) -> tuple[list[np.ndarra
             crops.append(None)
         missing += crops[-1] is None
     return [c for c in crops if c is not None], missing
+
+
+def _input_name(path: Path, root: Path) -> str:
+    """An input's name in the outputs: its path below ``root``, or the whole path for a listed file outside it.
+
+    Two listed files outside the list's folder (``/a/IM0001``, ``/b/IM0001``) keep two names.
+
+    >>> _input_name(Path("raw/knees/a.png"), Path("raw")), _input_name(Path("/mnt/b/a.png"), Path("raw"))
+    ('knees/a.png', '/mnt/b/a.png')
+    """
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
 
 
 def _is_inside(path: Path, folder: Path) -> bool:
