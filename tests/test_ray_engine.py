@@ -22,7 +22,7 @@ import yaml
 from typer.testing import CliRunner
 
 from kneepipe.cli import app
-from kneepipe.cli_common import EXIT_FILE_ERRORS
+from kneepipe.cli_common import EXIT_CONFIG, EXIT_FILE_ERRORS
 from kneepipe.config import load_config
 from kneepipe.detect.config import DetectConfig
 from kneepipe.grade.config import GradeConfig
@@ -165,6 +165,12 @@ def test_an_interrupted_ray_run_on_a_list_is_resumed_by_the_local_engine(
     assert [{k: v for k, v in row.items() if k not in ignored} for row in listed] == [
         {k: v for k, v in row.items() if k not in ignored} for row in folder
     ]
+
+
+def test_an_address_needs_the_ray_engine(tmp_path, radiographs_dir):
+    result = CliRunner().invoke(app, ["run", str(radiographs_dir), "--out", str(tmp_path), "--address", "auto"])
+    assert result.exit_code == EXIT_CONFIG and "--engine ray" in result.output
+    assert not list(tmp_path.iterdir())  # refused before anything was loaded or written
 
 
 def test_a_list_names_each_film_once_and_refuses_what_it_cannot_read(tmp_path):
