@@ -1,4 +1,4 @@
-"""The detector on each runtime: radiographs/s on the shared radiographs, PyTorch (the reference) vs ONNX Runtime.
+"""The detector on each runtime: radiographs/s on the shared radiographs, PyTorch (the reference), OpenVINO, ONNX.
 
 Decodes the films once, then runs :meth:`JointDetector.detect` (thresholds, the contrast
 rescue pass, crops) over all of them on each runtime in turn, ``--rounds`` times
@@ -31,7 +31,7 @@ def main() -> None:
     radiographs = [read_radiograph(path) for path in list_inputs(args.radiographs).files]
     detectors = {
         runtime: JointDetector.load(load_config(DetectConfig, overrides={"runtime": runtime}))
-        for runtime in ("torch", "onnx")
+        for runtime in ("torch", "openvino", "onnx")
     }
     seconds: dict[str, list[float]] = {runtime: [] for runtime in detectors}
     found = {}
@@ -45,14 +45,18 @@ def main() -> None:
     for runtime, detector in detectors.items():
         rate = len(radiographs) / min(seconds[runtime])
         print(f"{detector.runtime}: {rate:.2f} radiographs/s (best of {args.rounds} interleaved rounds)")
-    ious = [
-        box_iou(a.box, b.box)
-        for ref, other in zip(found["torch"], found["onnx"], strict=True)
-        for a, b in zip(ref.joints, other.joints, strict=True)
-    ]
-    print(f"{len(ious)} joints; smallest box IoU onnx vs torch {min(ious):.4f}")
-    print(f"speed-up {min(seconds['torch']) / min(seconds['onnx']):.2f}x")
-
+    for runtime in ("openvino", "onnx"):
+        ious, differ = [], []
+        for ref, other in zip(found["torch"], found[runtime], strict=True):
+            if ref.status != other.status or len(ref.joints) != len(other.joints):
+                differ.append(f"{ref.image.name} ({len(ref.joints)} vs {len(other.joints)} joints)")
+                continue
+            ious += [box_iou(a.box, b.box) for a, b in zip(ref.joints, other.joints, strict=True)]
+        print(
+            f"{runtime}: {len(ious)} joints, smallest box IoU vs torch {min(ious):.4f}, "
+            f"films that differ: {', '.join(differ) or 'none'}; "
+            f"speed-up {min(seconds['torch']) / min(seconds[runtime]):.2f}x"
+        )
 
 if __name__ == "__main__":
     main()

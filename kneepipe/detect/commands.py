@@ -79,29 +79,42 @@ def export_detector(
     model: Annotated[
         Path | None, typer.Option("--model", help="Detector weights (.pt); default: the shipped ones.")
     ] = None,
-    fmt: Annotated[str, typer.Option("--format", help="Compiled format: onnx.")] = "onnx",
+    fmt: Annotated[str, typer.Option("--format", help="Compiled format: openvino or onnx.")] = "openvino",
     imgsz: Annotated[
-        int, typer.Option(help="Inference size the export is traced at (the graph takes any size).")
-    ] = 416,
+        int | None,
+        typer.Option(help="Inference size to trace at (default: detect.imgsz); an onnx graph takes any size."),
+    ] = None,
     verbose: VerboseOption = False,
 ) -> None:
-    """Compile the detector to ONNX beside its weights; `detect.runtime=onnx` runs it.
+    """Compile the detector beside its weights; `detect.runtime=openvino` (or `onnx`) runs it.
 
-    A record of the weights' digest and the ONNX file's checksum ties the two; the .pt file
-    stays the reference and the default (`detect.runtime=torch`).
+    A record of the weights' digest and the compiled files' checksums ties them; the .pt file
+    stays the reference (`detect.runtime=torch`).
     """
     from kneepipe.runtime import native_logs_hidden, prepare_frameworks, set_verbosity
 
     set_verbosity(verbose)
-    if fmt != "onnx":
-        fail(f"format {fmt!r}: the detector exports to onnx")
+    from kneepipe.detect.compiled import FORMATS
+
+    if fmt not in FORMATS:
+        fail(f"format {fmt!r}: the detector exports to {' or '.join(FORMATS)}")
+    if imgsz is None:
+        from kneepipe.config import load_config
+        from kneepipe.detect.config import DetectConfig
+
+        imgsz = load_config(DetectConfig).imgsz
     prepare_frameworks()
+    from kneepipe.detect.compiled import compiled_paths
     from kneepipe.detect.compiled import export_detector as export
 
     try:
         with native_logs_hidden():
-            onnx_path = export(model, imgsz)
+            compiled = export(model, imgsz, fmt)
     except (OSError, ValueError) as err:
         fail(f"cannot export the detector: {err}")
-    size = onnx_path.stat().st_size / 1e6
-    console.print(f"wrote {escape(str(onnx_path))} ({size:.1f} MB) and its record {onnx_path.name}.json")
+    files = [compiled] if compiled.is_file() else sorted(compiled.iterdir())
+    size = sum(path.stat().st_size for path in files) / 1e6
+    from kneepipe.detect.predict import DEFAULT_WEIGHTS
+
+    record = compiled_paths(model or DEFAULT_WEIGHTS, fmt)[1]
+    console.print(f"wrote {escape(str(compiled))} ({size:.1f} MB) and its record {record.name}")

@@ -1,14 +1,20 @@
-"""The detector compiled to ONNX, run by ONNX Runtime through Ultralytics.
+"""The detector compiled for the CPU: OpenVINO IR or ONNX, run through Ultralytics.
 
-Ultralytics exports the PyTorch weights ``NAME.pt`` to ``NAME.onnx`` (float32, dynamic
-batch and size, the graph as exported); ``NAME.onnx.json`` records the ``.pt`` file's
-digest and the ONNX file's SHA-256, so a detector loads the compiled file only for the
-weights it was made from. ONNX Runtime runs it in float32 with the boxes of the PyTorch
-model (IoU 1.0 on the shared radiographs). On a 2-core CPU it was slower than PyTorch
-(``benchmarks/detect_runtime.py``: 0.56x), so ``detect.runtime`` stays ``torch`` by default.
+Ultralytics exports the PyTorch weights ``NAME.pt`` (float32) to
 
->>> export_detector(None)  # doctest: +SKIP
-PosixPath('.../kneepipe/weights/detector.onnx')
+* ``openvino``: the folder ``NAME_openvino_model/`` (IR ``NAME.xml``/``NAME.bin`` and
+  Ultralytics' ``metadata.yaml``), traced at the inference size ``detect.imgsz``, run in
+  float32 (:func:`in_float32`: left to itself OpenVINO runs bfloat16 on CPUs that have it,
+  and a faint knee the PyTorch weights find was lost on one shared film);
+* ``onnx``: ``NAME.onnx`` (dynamic batch and size), run by ONNX Runtime in float32.
+
+A record beside the weights (``NAME.openvino.json``, ``NAME.onnx.json``) holds the ``.pt``
+file's digest and every compiled file's SHA-256, so a detector loads a compiled network only
+for the weights it was made from, unchanged. Boxes and speed against PyTorch on the shared
+radiographs: ``benchmarks/detect_runtime.py`` (figures in DETECTOR.md).
+
+>>> export_detector(None, fmt="openvino")  # doctest: +SKIP
+PosixPath('.../kneepipe/weights/detector_openvino_model')
 """
 
 from __future__ import annotations
@@ -17,11 +23,16 @@ import hashlib
 import json
 import shutil
 import tempfile
+from functools import partial
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from kneepipe.files import file_digest, write_atomic
 
-RUNTIMES = ("onnx", "torch")
+FORMATS = ("openvino", "onnx")
+RUNTIMES = ("openvino", "onnx", "torch")
 
 
 def sha256(path: Path) -> str:
@@ -30,14 +41,27 @@ def sha256(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def compiled_paths(weights: str | Path) -> tuple[Path, Path]:
-    """``(model, record)`` of the compiled detector beside a ``.pt`` file."""
+def compiled_paths(weights: str | Path, fmt: str = "onnx") -> tuple[Path, Path]:
+    """``(model, record)`` of the compiled detector beside a ``.pt`` file: a file (onnx) or a folder (openvino)."""
     weights = Path(weights)
-    return weights.with_suffix(".onnx"), weights.with_suffix(".onnx.json")
+    if fmt == "openvino":
+        return weights.with_name(f"{weights.stem}_openvino_model"), weights.with_suffix(".openvino.json")
+    if fmt == "onnx":
+        return weights.with_suffix(".onnx"), weights.with_suffix(".onnx.json")
+    raise ValueError(f"format {fmt!r}: one of {', '.join(FORMATS)}")
 
 
-def export_detector(weights: str | Path | None, imgsz: int = 416) -> Path:
-    """Export detector weights (``None``: the shipped ones) to ONNX beside them; return the ``.onnx`` path."""
+def _files(model: Path) -> list[Path]:
+    """The files a compiled model consists of (itself, or a folder's files by name)."""
+    return sorted(path for path in model.iterdir() if path.is_file()) if model.is_dir() else [model]
+
+
+def export_detector(weights: str | Path | None, imgsz: int = 416, fmt: str = "onnx") -> Path:
+    """Export detector weights (``None``: the shipped ones) beside them; return the compiled model's path.
+
+    ``openvino`` is traced at ``imgsz`` (the size ``detect.imgsz`` runs it at; the record says
+    which); ``onnx`` takes any size.
+    """
     from ultralytics import YOLO
 
     from kneepipe.detect.predict import DEFAULT_WEIGHTS
@@ -45,33 +69,82 @@ def export_detector(weights: str | Path | None, imgsz: int = 416) -> Path:
     weights = Path(weights) if weights else DEFAULT_WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: detector weights not found")
-    onnx_path, record_path = compiled_paths(weights)
+    model_path, record_path = compiled_paths(weights, fmt)
     with tempfile.TemporaryDirectory() as scratch:
         copy = Path(scratch) / weights.name  # Ultralytics writes its export beside the file it reads
         shutil.copy(weights, copy)
-        exported = YOLO(str(copy), task="detect").export(
-            format="onnx", imgsz=imgsz, dynamic=True, simplify=False, half=False, device="cpu", verbose=False
+        options = {"dynamic": True, "simplify": False} if fmt == "onnx" else {"dynamic": False}
+        exported = Path(
+            YOLO(str(copy), task="detect").export(format=fmt, imgsz=imgsz, device="cpu", verbose=False, **options)
         )
-        write_atomic(onnx_path, Path(exported).read_bytes())
+        if fmt == "onnx":
+            write_atomic(model_path, exported.read_bytes())
+        else:
+            staged = Path(tempfile.mkdtemp(dir=weights.parent, prefix=f".{model_path.name}."))
+            for path in _files(exported):
+                shutil.copy(path, staged / path.name)
+            _describe(staged / "metadata.yaml", weights)
+            if model_path.exists():
+                shutil.rmtree(model_path)
+            staged.rename(model_path)
     record = {
-        "format": "onnx",
+        "format": fmt,
         "weights": weights.name,
         "weights_digest": file_digest(weights),
         "imgsz": imgsz,
-        "sha256": {onnx_path.name: sha256(onnx_path)},
+        "sha256": {path.name: sha256(path) for path in _files(model_path)},
     }
     write_atomic(record_path, json.dumps(record, indent=2) + "\n")
-    return onnx_path
+    return model_path
 
 
-def find_compiled(weights: Path) -> tuple[Path | None, str]:
-    """The ONNX file made from ``weights``, or None and why not (the detector then runs on PyTorch)."""
-    onnx_path, record_path = compiled_paths(weights)
-    if not record_path.is_file() or not onnx_path.is_file():
-        return None, f"no {onnx_path.name} beside {weights.name} (kneepipe export detector makes one)"
+def _describe(metadata: Path, weights: Path) -> None:
+    """Say in Ultralytics' metadata what the network was made from (it names the training run's folder)."""
+    import yaml
+
+    facts = yaml.safe_load(metadata.read_text())
+    facts["description"] = f"kneepipe knee-joint detector, compiled from {weights.name}@{file_digest(weights)}"
+    facts.pop("date", None)
+    metadata.write_text(yaml.safe_dump(facts, sort_keys=False))
+
+
+def in_float32(model: Any, imgsz: int) -> bool:
+    """Make an Ultralytics ``YOLO`` on an OpenVINO IR run in float32; whether it now does.
+
+    Ultralytics compiles the IR for latency in the CPU's default precision, bfloat16 on CPUs
+    with bf16 units. Its OpenVINO backend is set up by a first prediction, then compiled
+    again with the same settings plus float32 inference.
+    """
+    import openvino as ov
+
+    model.predict(source=np.zeros((imgsz, imgsz, 3), np.uint8), imgsz=imgsz, device="cpu", verbose=False)
+    backend = getattr(getattr(model.predictor, "model", None), "backend", None)
+    if backend is None or getattr(backend, "ov_compiled_model", None) is None:
+        return False
+    xml = next(Path(model.ckpt_path or model.model_name).glob("*.xml"))
+    backend.compile_model = partial(
+        backend.compile_model, config={"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    )
+    backend.ov_compiled_model = backend.compile_model(ov.Core().read_model(xml))
+    return backend.ov_compiled_model.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
+
+
+def find_compiled(weights: Path, fmt: str = "onnx", imgsz: int | None = None) -> tuple[Path | None, str]:
+    """The network compiled from ``weights`` in ``fmt``, or None and why not (the detector then runs on PyTorch).
+
+    An OpenVINO network traced at another size than ``imgsz`` is refused too.
+    """
+    model_path, record_path = compiled_paths(weights, fmt)
+    if not record_path.is_file() or not model_path.exists():
+        return None, f"no {model_path.name} beside {weights.name} (kneepipe export detector --format {fmt} makes one)"
     record = json.loads(record_path.read_text())
     if record.get("weights_digest") != file_digest(weights):
         return None, f"{record_path.name} is for other weights than {weights.name}"
-    if record.get("sha256", {}).get(onnx_path.name) != sha256(onnx_path):
-        return None, f"{onnx_path.name} does not match its checksum in {record_path.name}"
-    return onnx_path, ""
+    sums = record.get("sha256", {})
+    if sorted(sums) != [path.name for path in _files(model_path)] or any(
+        sums[path.name] != sha256(path) for path in _files(model_path)
+    ):
+        return None, f"{model_path.name} does not match its checksum in {record_path.name}"
+    if fmt == "openvino" and imgsz is not None and record.get("imgsz") != imgsz:
+        return None, f"{model_path.name} was traced at imgsz {record.get('imgsz')}, detect.imgsz is {imgsz}"
+    return model_path, ""

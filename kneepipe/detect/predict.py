@@ -298,16 +298,22 @@ class JointDetector:
         prepare_frameworks()
         from ultralytics import YOLO
 
-        runtime = "torch"
-        if config.runtime == "onnx" and weights.suffix == ".pt":
+        runtime, network = "torch", weights
+        if config.runtime != "torch" and weights.suffix == ".pt":
             from kneepipe.detect.compiled import find_compiled
 
-            compiled, why = find_compiled(weights)
+            compiled, why = find_compiled(weights, config.runtime, config.imgsz)
             if compiled is None:
-                log.warning("detect.runtime onnx: %s: detecting with PyTorch", why)
+                log.warning("detect.runtime %s: %s: detecting with PyTorch", config.runtime, why)
             else:
-                weights, runtime = compiled, f"onnx ({compiled.name})"
-        model = YOLO(str(weights), task="detect")
+                network, runtime = compiled, f"{config.runtime} ({compiled.name})"
+        model = YOLO(str(network), task="detect")
+        if config.runtime == "openvino" and network != weights:
+            from kneepipe.detect.compiled import in_float32
+
+            if not in_float32(model, config.imgsz):
+                log.warning("detect.runtime openvino: float32 could not be set; the CPU's default precision runs")
+                runtime += " default precision"
         names = [str(model.names[i]) for i in sorted(model.names)]
         if names != ["right_knee", "left_knee"]:
             raise ValueError(f"{weights}: expected classes right_knee, left_knee, got {names}")
