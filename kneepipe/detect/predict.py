@@ -72,9 +72,13 @@ SEARCH_CANVAS_ZOOM = 0.6
 """The search's shrunk view: the film at this scale on a canvas of its own size."""
 SEARCH_TILE = 0.6
 """The search's tiles: this share of the film's width and height, one at each corner."""
-STRAIGHTEN_TILT = 8.0
-"""A film whose edges lean by at least this many degrees is detected straightened (the upright AP films
-among the shared radiographs read within 6.6 degrees; those tilted by 10 and 20 degrees within 6.7 of it)."""
+STRAIGHTEN_TILT = 13.0
+"""A film whose edges lean by at least this many degrees is detected straightened. The upright AP films
+among the shared radiographs, and single knees cut from them, read within 12.1 degrees; films tilted by
+20 degrees read within 6.7 degrees of it."""
+SEARCH_TILT = 5.0
+"""A searched film whose edges lean by at least this many degrees (less than ``STRAIGHTEN_TILT``) is also
+looked at straightened."""
 
 
 @dataclass(frozen=True)
@@ -371,7 +375,8 @@ class JointDetector:
             results = self.predict_boxes(films)
             for index, film, boxes in zip(upright, films, results, strict=True):
                 if _best_confidence(boxes) < self.config.search_below and (len(boxes) or self.config.search_empty):
-                    boxes = self.search_boxes(film, boxes)
+                    tilt = 0.0 if index in views else orientations[index].tilt
+                    boxes = self.search_boxes(film, boxes, tilt)
                 detections[index] = self.to_detection(radiographs[index], boxes, views.get(index))
             for index in (i for i in batch if orientations[i].sideways):
                 detections[index] = self.detect_sideways(radiographs[index])
@@ -445,7 +450,7 @@ class JointDetector:
         )
         return [result.boxes.data.cpu().numpy().reshape(-1, 6) for result in results]
 
-    def search_boxes(self, pixels: np.ndarray, first: np.ndarray) -> np.ndarray:
+    def search_boxes(self, pixels: np.ndarray, first: np.ndarray, tilt: float = 0.0) -> np.ndarray:
         """Look further for the knees of a film the first pass found no confident knee on.
 
         The model learnt knees at the scale and orientation of bilateral AP films. It
@@ -454,9 +459,12 @@ class JointDetector:
         * the film shrunk to 60% on a canvas of its own size (padded with the film's
           border grey): a knee that fills the frame then appears at the learnt scale;
         * four overlapping corner tiles of 60% of the width and height: a knee that is
-          small on the film (a full-leg film) appears larger.
+          small on the film (a full-leg film) appears larger;
+        * when its edges lean by ``SEARCH_TILT`` degrees or more (``tilt``, from
+          :func:`~kneepipe.detect.orientation.bone_orientation`), the film straightened.
 
-        Boxes from every view are mapped back onto the film and pooled; only boxes from
+        Boxes from every view are mapped back onto the film (one found on the
+        straightened film keeps its centre and size) and pooled; only boxes from
         ``config.search_conf`` up count. The pooled joints replace the first pass's when
         their summed confidence is higher.
         """
@@ -469,6 +477,9 @@ class JointDetector:
         views = [(cv2.warpAffine(pixels, shrink, (width, height), flags=cv2.INTER_AREA, borderValue=grey), shrink)]
         for x, y in offsets:
             views.append((pixels[y : y + tile_h, x : x + tile_w], np.array([[1.0, 0, -x], [0, 1.0, -y]])))
+        if abs(tilt) >= SEARCH_TILT:
+            straight = straightened_view(pixels, tilt)
+            views.append((straight.pixels, straight.matrix))
         found = self._raw_boxes([view for view, _ in views], self.config.search_conf)
         on_film = [_map_back(rows, matrix) for rows, (_, matrix) in zip(found, views, strict=True)]
         pooled = self.select_boxes(np.vstack([first, *on_film]))
