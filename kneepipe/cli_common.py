@@ -37,7 +37,19 @@ EXIT_CRASH = 70  # an unexpected error inside kneepipe (sysexits' EX_SOFTWARE)
 
 # Statuses of a result row, by what they mean for the exit code.
 ERROR_STATUSES = frozenset({"error"})
-REFUSED_STATUSES = frozenset({"no_knee", "not_gradable_view", "rotated", "skipped"})
+REFUSED_STATUSES = frozenset(
+    {
+        "no_knee",
+        "not_gradable_view",
+        "lateral_view",
+        "overexposed",
+        "underexposed",
+        "knee_prosthesis",
+        "partial",
+        "rotated",
+        "skipped",
+    }
+)
 
 # emoji=False: a file name or a message holding ":x:" is printed as written, not as an emoji.
 console = Console(stderr=True, emoji=False)

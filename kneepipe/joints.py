@@ -26,6 +26,15 @@ STATUS_NOT_GRADABLE_VIEW = "not_gradable_view"
 STATUS_ERROR = "error"
 STATUS_ROTATED = "rotated"  # the film lies sideways and no knee was found on it turned upright
 STATUS_SKIPPED = "skipped"  # an entry under the input folder that is not read (not an image, hidden, ...)
+# Quality checks (kneepipe.detect.quality): film-level ones refuse the whole film ...
+STATUS_LATERAL_VIEW = "lateral_view"  # a lateral knee view (DICOM ViewPosition tag, else the view classifier)
+STATUS_OVEREXPOSED = "overexposed"  # much of the film saturated white
+STATUS_UNDEREXPOSED = "underexposed"  # nothing on the film bright enough to be bone
+# ... knee-level ones refuse one knee of a film (the other knee of a bilateral film is still graded).
+STATUS_KNEE_PROSTHESIS = "knee_prosthesis"  # a metal implant in or around the joint
+STATUS_PARTIAL = "partial"  # the joint is cut by the film's edge
+KNEE_REFUSALS = frozenset({STATUS_KNEE_PROSTHESIS, STATUS_PARTIAL})
+"""Statuses a single knee can get while other knees of its film are graded."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,9 @@ class Joint:
             detector confidence, a side conflict, a turned film...); empty when nothing is
             doubtful. Any check may add a reason with
             ``dataclasses.replace(joint, review=(*joint.review, reason))``.
+        status: ``ok``, or why this knee is not graded (one of :data:`KNEE_REFUSALS`):
+            it is found, boxed and cropped, but its grade would not mean anything.
+        message: the reason for a status other than ``ok``.
     """
 
     image: Path
@@ -51,6 +63,8 @@ class Joint:
     confidence: float
     crop: np.ndarray = field(repr=False)
     review: tuple[str, ...] = ()
+    status: str = STATUS_OK
+    message: str = ""
 
     @property
     def needs_review(self) -> bool:
@@ -67,8 +81,11 @@ class Joint:
 class Detection:
     """What the detector concluded about one radiograph: its joints, or why none.
 
-    ``status`` is ``ok`` when ``joints`` is non-empty, else ``no_knee``,
-    ``not_gradable_view``, ``rotated`` or ``error`` with ``message`` saying why.
+    ``status`` is ``ok`` when at least one joint is graded; a film refused as a whole
+    (``no_knee``, ``lateral_view``, ``overexposed``, ``underexposed``, ``rotated``,
+    ``not_gradable_view``, ``error``) has no joints and ``message`` says why; a film whose
+    every knee a quality check refused (``knee_prosthesis``, ``partial``) keeps its joints
+    and takes the first one's status, each joint carrying its own reason.
     """
 
     image: Path

@@ -19,7 +19,7 @@ from pydicom.uid import generate_uid
 FILMS = {
     "bilateral_m1": ("bilateral_0.png", "MONOCHROME1", "AP", "graded"),
     "single_m2": ("arthritis_7.jpg", "MONOCHROME2", "AP", "graded"),
-    "lateral": ("arthritis_3.jpg", "MONOCHROME2", "LL", "not_gradable_view"),
+    "lateral": ("arthritis_3.jpg", "MONOCHROME2", "LL", "lateral_view"),
 }
 PATIENT_NAME = "Testpatient^Kneepipe"
 

@@ -41,14 +41,14 @@ class Case:
     """One corpus entry: its name under the input folder, and what ``run`` must say of it."""
 
     name: str
-    status: str  # ok, no_knee, not_gradable_view, error, skipped
+    status: str  # ok, no_knee, lateral_view, overexposed, underexposed, error, skipped
     words: str = ""  # in the message ("" for ok rows without a note)
     hidden: bool = False
 
     @property
     def grade_status(self) -> str:
         """``grade`` reads every image as a crop: what the detector refuses, it grades."""
-        return "ok" if self.status in ("ok", "no_knee", "not_gradable_view") else self.status
+        return "ok" if self.status in ("ok", "no_knee", "lateral_view", "overexposed", "underexposed") else self.status
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -152,9 +152,9 @@ def build_corpus(folder: Path, outside: Path, radiographs_dir: Path, oai_dir: Pa
 
     # --- findings: read, but not gradable -----------------------------------------------------------
     write("foot.jpg", (radiographs_dir / "stage_1_5.jpg").read_bytes(), "no_knee", "no knee")
-    write("black.png", _png(np.zeros((300, 300), np.uint8)), "no_knee", "no knee")
-    write("white.png", _png(np.full((300, 300), 255, np.uint8)), "not_gradable_view", "over-exposed")
-    dicom("lateral.dcm", "not_gradable_view", "lateral view", ViewPosition="LL")
+    write("black.png", _png(np.zeros((300, 300), np.uint8)), "underexposed", "under-exposed")
+    write("white.png", _png(np.full((300, 300), 255, np.uint8)), "overexposed", "over-exposed")
+    dicom("lateral.dcm", "lateral_view", "lateral view", ViewPosition="LL")
 
     # --- damaged DICOMs: one named error row each ----------------------------------------------------
     dicom("frames_ab.dcm", "error", "tag NumberOfFrames is not a whole number ('ab')", raw={0x00280008: ("LO", "ab")})
@@ -334,7 +334,7 @@ def test_the_corpus_is_large_and_varied(corpus):
     _, cases = corpus
     assert len(cases) >= 80
     statuses = {case.status for case in cases}
-    assert statuses == {"ok", "no_knee", "not_gradable_view", "error", "skipped"}
+    assert statuses == {"ok", "no_knee", "lateral_view", "overexposed", "underexposed", "error", "skipped"}
     assert len({case.name for case in cases}) == len(cases)
 
 
@@ -420,7 +420,8 @@ def test_the_run_summary_counts_and_names_what_it_skipped(corpus, run_result):
     assert (summary["skipped"], summary["skipped_hidden"]) == (len(skipped), len(hidden))
     assert summary["links_outside_input"] == ["outside_link.png", "passwd.png"]
     assert summary["refused"] == {
-        status: sum(c.status == status for c in cases) for status in ("error", "no_knee", "not_gradable_view")
+        status: sum(c.status == status for c in cases)
+        for status in ("error", "no_knee", "lateral_view", "overexposed", "underexposed")
     }
     assert f"skipped: {len(skipped)} entries that are not radiographs, and {len(hidden)} hidden" in result.output
     # Names and messages are printed as written: no markup eaten, no emoji made, no MarkupError.

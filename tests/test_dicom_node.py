@@ -172,7 +172,7 @@ def test_each_film_is_graded_once_even_after_a_restart(tmp_path, configs, models
     for result in receiver.received:
         assert result.StudyInstanceUID in sources and sources[result.StudyInstanceUID].ViewPosition == "AP"
     assert "received before (sent), not graded again" in caplog.text
-    assert "not graded (not_gradable_view" in caplog.text
+    assert "not graded (lateral_view" in caplog.text
     assert "Testpatient" not in caplog.text  # instances are named by UID, never by patient
     assert not list((tmp_path / "node/incoming").iterdir())  # films are not kept once their results are sent
     saved = yaml.safe_load((tmp_path / "node/args.yaml").read_text())  # the node's resolved config, beside its data

@@ -331,7 +331,7 @@ def bad_batch(folder: Path, radiographs_dir: Path, oai_dir: Path) -> dict[str, t
     shutil.copy(radiographs_dir / "stage_1_5.jpg", folder / "foot.jpg")
     expected["foot.jpg"] = ("no_knee", "no knee")
     _write_dicom(folder / "lateral.dcm", knees, ViewPosition="LL")
-    expected["lateral.dcm"] = ("not_gradable_view", "lateral")
+    expected["lateral.dcm"] = ("lateral_view", "lateral")
     _write_dicom(folder / "report_only.dcm", knees, with_pixels=False)
     expected["report_only.dcm"] = ("error", "no pixel data")
     (folder / "empty.png").write_bytes(b"")
@@ -390,7 +390,7 @@ def test_a_batch_of_bad_input_completes_with_a_reason_per_file(tmp_path, radiogr
     for name in ("empty.png", "giant.png", "report_only.dcm", "foot.jpg"):
         assert name in result.output  # the summary names each refused file
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["refused"] == {"error": 6, "no_knee": 1, "not_gradable_view": 1}
+    assert summary["refused"] == {"error": 6, "no_knee": 1, "lateral_view": 1}
     estimated = summary["priors"]["estimated_prior"]  # --adapt-prior re-estimated the batch's grade prior
     assert len(estimated) == 5 and abs(sum(estimated) - 1) < 1e-3
 
@@ -569,7 +569,9 @@ def test_clinical_radiographs_with_a_report(tmp_path, radiographs_dir):
     for name, truth in annotations.items():
         image_rows = [r for r in rows if r["image"] == name]
         if truth["kind"] in ("lateral", "foot"):
-            assert len(image_rows) == 1 and image_rows[0]["status"] in ("no_knee", "not_gradable_view"), image_rows
+            assert len(image_rows) == 1 and image_rows[0]["status"] == (
+                "lateral_view" if truth["kind"] == "lateral" else "no_knee"
+            ), image_rows
             assert image_rows[0]["message"], name
         for side, box in truth["joints"]:  # every annotated AP knee graded, on its side
             if (name, side) in KNOWN_DETECTOR_MISSES:

@@ -31,6 +31,14 @@ class DetectConfig:
     max_side: int = field(metadata=rule(range=(256, 16384)))
     max_pixels: int = field(metadata=rule(range=(1_000_000, 1_600_000_000)))
     overexposed_fraction: float = field(metadata=rule(range=(0.0, 1.0)))
+    underexposed_level: float = field(metadata=rule(range=(0.0, 255.0)))
+    view_check: bool
+    view_model: str | None
+    lateral_threshold: float = field(metadata=rule(range=(0.0, 1.0)))
+    partial_fraction: float = field(metadata=rule(range=(0.0, 1.0)))
+    metal_level: int = field(metadata=rule(range=(1, 255)))
+    metal_contrast: float = field(metadata=rule(range=(0.0, 255.0)))
+    prosthesis_fraction: float = field(metadata=rule(range=(0.0, 1.0)))
     review_conf: float = field(metadata=rule(range=(0.0, 1.0)))
     side_conf: float = field(metadata=rule(range=(0.5, 1.0)))
 

@@ -26,6 +26,16 @@ from kneepipe.config import save_config
 from kneepipe.detect.config import DetectConfig
 from kneepipe.detect.framing import crop_joint, square_box
 from kneepipe.detect.orientation import bone_orientation
+from kneepipe.detect.quality import (
+    DEFAULT_VIEW_MODEL,
+    VIEW_CLASSES,
+    VIEW_LATERAL,
+    ViewClassifier,
+    cut_fraction,
+    exposure_problem,
+    metal_fraction,
+)
+from kneepipe.detect.quality import saturated_fraction as saturated_fraction  # its home before quality.py
 from kneepipe.detect.side import SideClassifier, decide_side
 from kneepipe.files import FORMULA_STARTS, MAX_KEY_LENGTH, file_version, write_atomic, write_csv_atomic
 from kneepipe.imaging import ImageReadError, Radiograph, list_inputs, read_radiograph
@@ -33,9 +43,11 @@ from kneepipe.joints import (
     CROP_FRAMING,
     SIDES,
     STATUS_ERROR,
+    STATUS_KNEE_PROSTHESIS,
+    STATUS_LATERAL_VIEW,
     STATUS_NO_KNEE,
-    STATUS_NOT_GRADABLE_VIEW,
     STATUS_OK,
+    STATUS_PARTIAL,
     STATUS_ROTATED,
     STATUS_SKIPPED,
     Detection,
@@ -48,6 +60,7 @@ log = logging.getLogger(__name__)
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "detector.pt"
 """The detector shipped in the package, used when the config's ``model`` is null."""
 
+LATERAL_REASON = "lateral view: KL grading needs an AP/PA view"
 LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "ML", "LM", "XTABLE"})
 """DICOM ViewPosition values of lateral views, which KL grading cannot use."""
 
@@ -65,7 +78,6 @@ JOINTS_CSV_COLUMNS = (
     "needs_review",
     "review_reason",
 )
-_NEAR_WHITE = 250
 
 
 SEARCH_CANVAS_ZOOM = 0.6
@@ -179,28 +191,6 @@ def suppress_nested(rows: np.ndarray, overlap: float) -> np.ndarray:
     return np.array(kept).reshape(-1, 6)
 
 
-def saturated_fraction(pixels: np.ndarray, step: int = 4) -> float:
-    """Share of a film's pixels at near-white, over its content, not its uniform padding.
-
-    Scanners and exports pad films with uniform borders, white ones included; those are
-    not over-exposure. Outer rows and columns that are uniform (on a grid of every
-    ``step``-th pixel) are left out before counting, so a saturated band running the
-    full width or height along a border is not counted either; saturation within the
-    film is.
-
-    >>> film = np.full((100, 100), 255, np.uint8)
-    >>> film[20:80, 20:80] = 100
-    >>> saturated_fraction(film)
-    0.0
-    """
-    grid = pixels[::step, ::step]
-    rows = np.flatnonzero(np.ptp(grid, axis=1) > 2)
-    columns = np.flatnonzero(np.ptp(grid, axis=0) > 2)
-    if len(rows) and len(columns):
-        pixels = pixels[rows[0] * step : (rows[-1] + 1) * step, columns[0] * step : (columns[-1] + 1) * step]
-    return float(np.mean(pixels >= _NEAR_WHITE))
-
-
 def equalise_contrast(pixels: np.ndarray) -> np.ndarray:
     """CLAHE-equalised copy of a ``uint8`` film (clip limit 2, 8x8 tiles), for the detector's second look.
 
@@ -252,6 +242,22 @@ def pair_partner(main: np.ndarray, candidates: np.ndarray) -> np.ndarray | None:
     return best
 
 
+def load_view_classifier(config: DetectConfig, detector_weights: Path) -> ViewClassifier | None:
+    """The view classifier ``config`` asks for, fitted on ``detector_weights``' backbone; None when off.
+
+    A classifier fitted on another detector's backbone cannot read this one's features:
+    the view check is then off, with a warning (``kneepipe train view`` refits it).
+    """
+    if not config.view_check:
+        return None
+    path = Path(config.view_model) if config.view_model else DEFAULT_VIEW_MODEL
+    try:
+        return ViewClassifier.load(path, detector_weights)
+    except ValueError as err:
+        log.warning("view check off: %s", err)
+        return None
+
+
 class Detector(Protocol):
     """What the pipeline needs of a detector: a version to record and radiographs in, detections out."""
 
@@ -277,6 +283,7 @@ class JointDetector:
     version: str
     runtime: str = "torch"  # what runs the network: "onnx (detector.onnx)" or "torch"
     side_classifier: SideClassifier | None = field(default=None, repr=False)  # reads a knee's side from its anatomy
+    view_classifier: ViewClassifier | None = field(default=None, repr=False)  # AP, lateral or no knee (quality.py)
     framing: ClassVar[str] = CROP_FRAMING  # how its crops are cut (kneepipe.detect.framing)
 
     @classmethod
@@ -328,15 +335,18 @@ class JointDetector:
             version=file_version(weights),
             runtime=runtime,
             side_classifier=SideClassifier.load(),
+            view_classifier=load_view_classifier(config, weights),
         )
 
     def detect(self, radiographs: Sequence[Radiograph]) -> list[Detection]:
         """Find the knee joints of each radiograph (one model call per batch).
 
-        Lateral DICOM views and over-exposed films (more than
-        ``config.overexposed_fraction`` of the pixels saturated white) are refused as
-        not gradable without running the model. Boxes come back in
-        the source file's pixels; crops are cut from the pixels as read.
+        Lateral DICOM views and over- or under-exposed films
+        (:func:`~kneepipe.detect.quality.exposure_problem`) are refused without running
+        the model; the view classifier then names lateral views and films with no knee,
+        and each knee found is checked for a cut by the film's edge and for metal
+        (:meth:`check_quality`). Boxes come back in the source file's pixels; crops are
+        cut from the pixels as read.
 
         >>> detection = detector.detect([read_radiograph("knees.png")])[0]  # doctest: +SKIP
         >>> [(joint.side, joint.crop.shape) for joint in detection.joints]  # doctest: +SKIP
@@ -347,19 +357,12 @@ class JointDetector:
         for index, radiograph in enumerate(radiographs):
             view = (radiograph.view or "").strip().upper()
             if view in LATERAL_VIEWS:
-                detections[index] = Detection(
-                    radiograph.path,
-                    (),
-                    STATUS_NOT_GRADABLE_VIEW,
-                    f"view position {radiograph.view} is a lateral view; KL grading needs AP/PA",
-                )
-            elif (white := saturated_fraction(radiograph.pixels)) > self.config.overexposed_fraction:
-                detections[index] = Detection(
-                    radiograph.path,
-                    (),
-                    STATUS_NOT_GRADABLE_VIEW,
-                    f"over-exposed film: {white:.0%} of pixels are saturated white; not gradable",
-                )
+                reason = f"{LATERAL_REASON} (DICOM view position {radiograph.view})"
+                detections[index] = Detection(radiograph.path, (), STATUS_LATERAL_VIEW, reason)
+            elif problem := exposure_problem(
+                radiograph.pixels, self.config.overexposed_fraction, self.config.underexposed_level
+            ):
+                detections[index] = Detection(radiograph.path, (), *problem)
             else:
                 to_run.append(index)
         for start in range(0, len(to_run), self.config.batch):
@@ -373,14 +376,62 @@ class JointDetector:
             }
             films = [views[i].pixels if i in views else radiographs[i].pixels for i in upright]
             results = self.predict_boxes(films)
-            for index, film, boxes in zip(upright, films, results, strict=True):
+            # The view is read from the film as stored: straightening a lateral knee's bent leg hides its view.
+            as_read = [radiographs[i].pixels for i in upright]
+            kinds = self.view_classifier.probabilities(as_read) if self.view_classifier else [None] * len(films)
+            for index, film, boxes, kind in zip(upright, films, results, kinds, strict=True):
                 if _best_confidence(boxes) < self.config.search_below and (len(boxes) or self.config.search_empty):
                     tilt = 0.0 if index in views else orientations[index].tilt
                     boxes = self.search_boxes(film, boxes, tilt)
-                detections[index] = self.to_detection(radiographs[index], boxes, views.get(index))
+                detection = self.to_detection(radiographs[index], boxes, views.get(index))
+                detections[index] = self.check_quality(radiographs[index], detection, kind)
             for index in (i for i in batch if orientations[i].sideways):
-                detections[index] = self.detect_sideways(radiographs[index])
+                detections[index] = self.check_quality(radiographs[index], self.detect_sideways(radiographs[index]))
         return detections  # type: ignore[return-value]
+
+    def check_quality(
+        self, radiograph: Radiograph, detection: Detection, view_probabilities: np.ndarray | None = None
+    ) -> Detection:
+        """The film's view and each knee's quality, applied to one film's detection.
+
+        A film the view classifier calls lateral (probability at least
+        ``config.lateral_threshold``) is refused as ``lateral_view`` whether or not a knee
+        was boxed; a film with no joint is ``no_knee``. Each joint found is then checked
+        on its own, so one bad knee of a bilateral film leaves the other graded: a joint
+        box lying beyond the film's edge by more than ``config.partial_fraction`` of its
+        side is ``partial``, and a crop with a smooth near-white region over
+        ``config.prosthesis_fraction`` of it (:func:`~kneepipe.detect.quality.metal_fraction`)
+        is ``knee_prosthesis``. A film whose knees are all refused takes the first one's status.
+        """
+        if view_probabilities is not None:
+            odds = dict(zip(VIEW_CLASSES, (float(p) for p in view_probabilities), strict=True))
+            if odds[VIEW_LATERAL] >= self.config.lateral_threshold:
+                reason = f"{LATERAL_REASON} (view classifier: lateral {odds[VIEW_LATERAL]:.2f})"
+                return Detection(radiograph.path, (), STATUS_LATERAL_VIEW, reason)
+        if not detection.joints:
+            if detection.status == STATUS_NO_KNEE:
+                return dataclasses.replace(detection, message="no knee in image")
+            return detection
+        size = radiograph.original_size
+        joints = []
+        for joint in detection.joints:
+            cut = cut_fraction(joint.box, size)
+            metal = metal_fraction(joint.crop, self.config.metal_level, self.config.metal_contrast)
+            if cut > self.config.partial_fraction:
+                reason = f"partial: the joint is cut by the film's edge ({cut:.0%} of its box lies outside the film)"
+                joint = dataclasses.replace(joint, status=STATUS_PARTIAL, message=reason)
+            elif metal > self.config.prosthesis_fraction:
+                reason = (
+                    f"knee prosthesis: a metal implant is found ({metal:.0%} of the joint crop is a smooth region "
+                    f"at grey {self.config.metal_level} or above, far brighter than the bone around it); not graded"
+                )
+                joint = dataclasses.replace(joint, status=STATUS_KNEE_PROSTHESIS, message=reason)
+            joints.append(joint)
+        refused = [joint for joint in joints if joint.status != STATUS_OK]
+        if len(refused) == len(joints):
+            reasons = "; ".join(f"{joint.side} knee: {joint.message}" for joint in refused)
+            return dataclasses.replace(detection, joints=tuple(joints), status=refused[0].status, message=reasons)
+        return dataclasses.replace(detection, joints=tuple(joints))
 
     def detect_sideways(self, radiograph: Radiograph) -> Detection:
         """Detect a film that lies sideways (:func:`~kneepipe.detect.orientation.bone_orientation`).
@@ -647,8 +698,8 @@ def write_joint_rows(detection: Detection, out_dir: Path, taken: set[str]) -> li
                 "y2": f"{y2:.1f}",
                 "confidence": f"{joint.confidence:.4f}",
                 "crop": name,
-                "status": STATUS_OK,
-                "message": detection.message,
+                "status": joint.status,
+                "message": detection.message if joint.status == STATUS_OK else joint.message,
                 "needs_review": str(joint.needs_review).lower(),
                 "review_reason": joint.review_reason,
             }

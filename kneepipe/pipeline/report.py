@@ -47,6 +47,11 @@ DETECT_SHOWN = ("imgsz", "conf", "iou", "max_det", "max_side", "overexposed_frac
 STATUS_TEXT = {
     "no_knee": "no knee found",
     "not_gradable_view": "view not gradable for KL",
+    "lateral_view": "lateral view (KL needs AP/PA)",
+    "overexposed": "over-exposed film",
+    "underexposed": "under-exposed film",
+    "knee_prosthesis": "knee prosthesis (metal implant)",
+    "partial": "joint cut by the film's edge",
     "rotated": "film lies sideways",
     "error": "could not be processed",
 }

@@ -611,7 +611,8 @@ def _grade_step(
     thumbnail, anything unexpected) ends in that file's record, so the step is journaled
     and a rerun does not meet the same failure again.
     """
-    joints = [joint for detection in detections.values() for joint in detection.joints]  # in step order
+    # In step order; a knee a quality check refused (a prosthesis, cut by the edge) is not graded.
+    joints = [joint for detection in detections.values() for joint in detection.joints if joint.status == STATUS_OK]
     features: list[np.ndarray] = []
     graded = grader.grade_each([joint.crop for joint in joints], work.grade_cfg.batch, features)
     logits_by_joint = {id(joint): logits for joint, logits in zip(joints, graded, strict=True)}
@@ -689,7 +690,7 @@ def _fill_record(
     note = "; ".join(filter(None, [detection.message if detection.joints else "", _joint_notes(detection.joints)]))
     seen: Counter = Counter()
     for joint in detection.joints:
-        logits = logits_by_joint[id(joint)]
+        logits = logits_by_joint.get(id(joint), joint.message)
         seen[joint.side] += 1
         knee: KneeRecord = {
             "side": joint.side,
@@ -702,7 +703,9 @@ def _fill_record(
             "needs_review": joint.needs_review,
             "review_reason": joint.review_reason,
         }
-        if isinstance(logits, str):
+        if joint.status != STATUS_OK:
+            knee.update({"status": joint.status, "message": "; ".join(filter(None, [joint.message, note]))})
+        elif isinstance(logits, str):
             knee.update({"status": STATUS_ERROR, "message": logits})
         else:
             knee["logits"] = [round(float(v), 6) for v in logits]
@@ -717,6 +720,8 @@ def _fill_record(
                 problem = f"crop not saved ({err.strerror or err})"
                 knee["message"] = f"{knee['message']}; {problem}" if knee["message"] else problem
         record["knees"].append(knee)
-    if record["knees"] and all(knee["status"] != STATUS_OK for knee in record["knees"]):
+    if detection.status != STATUS_OK:  # every knee refused by a quality check: the film says why
+        record.update({"status": detection.status, "message": detection.message})
+    elif record["knees"] and all(knee["status"] != STATUS_OK for knee in record["knees"]):
         record.update({"status": STATUS_ERROR, "message": record["knees"][0]["message"]})
     return thumbnail_note

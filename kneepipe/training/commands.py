@@ -266,3 +266,51 @@ def train_side(
         f"side classifier -> {target}: train accuracy {metrics['train_accuracy']:.4f} "
         f"({metrics['train_crops']} crops), val accuracy {metrics['val_accuracy']:.4f} ({metrics['val_crops']} crops)"
     )
+
+
+def train_view(
+    radiographs: Annotated[Path, typer.Option(help="Folder of the annotated real radiographs.")],
+    annotations: Annotated[Path, typer.Option(help="Their annotation CSV (image,kind,...): kinds name the views.")],
+    crops: Annotated[
+        Path | None, typer.Option(help="OAI crops by grade (a train split) for AP composites and knee crops.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Default: the shipped kneepipe/weights/view.npz.")
+    ] = None,
+    model: Annotated[Path | None, typer.Option("--model", help="Detector weights; default: the shipped one.")] = None,
+    copies: Annotated[int, typer.Option(help="Augmented copies per real film.", min=1)] = 30,
+    seed: Annotated[int, typer.Option(help="Seed of the augmentation and the composites.")] = 0,
+    measure: Annotated[
+        bool, typer.Option("--measure/--no-measure", help="Measure leave-one-film-out before fitting on all.")
+    ] = True,
+) -> None:
+    """Fit the view classifier (AP, lateral, no knee) on the detector backbone; measure it leave-one-film-out.
+
+    Writes the classifier (KB-sized) and a JSON report beside it with each real film's
+    held-out probabilities (minutes, CPU).
+    """
+    from kneepipe.detect.predict import DEFAULT_WEIGHTS
+    from kneepipe.detect.quality import DEFAULT_VIEW_MODEL
+    from kneepipe.training.view import ViewRecipe
+    from kneepipe.training.view import train_view as fit
+
+    for path in (radiographs, annotations, crops, model):
+        if path is not None and not path.exists():
+            fail(f"{path}: no such file or folder")
+    target = out or DEFAULT_VIEW_MODEL
+    try:
+        report = fit(
+            radiographs,
+            annotations,
+            crops,
+            target,
+            model or DEFAULT_WEIGHTS,
+            ViewRecipe(copies=copies, seed=seed),
+            measure=measure,
+        )
+    except (FileNotFoundError, ValueError) as err:
+        fail(str(err), EXIT_FAILED)
+    console.print(f"view classifier -> {target} ({report['examples']}); report {target.with_suffix('.json')}")
+    for view, figures in report.get("leave_one_film_out", {}).items():
+        if isinstance(figures, dict):
+            console.print(f"leave one film out, {view}: {figures['named_lateral']}/{figures['films']} named lateral")

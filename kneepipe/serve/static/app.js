@@ -275,6 +275,11 @@ const STATUS_WORDS = {
   ok: "graded",
   no_knee: "no knee found",
   not_gradable_view: "not gradable",
+  lateral_view: "lateral view",
+  overexposed: "over-exposed",
+  underexposed: "under-exposed",
+  knee_prosthesis: "knee prosthesis",
+  partial: "joint cut by the edge",
   error: "could not be read",
 };
 

@@ -1,0 +1,290 @@
+"""Quality checks of a film and of each knee on it: exposure, view, a joint cut by the edge, metal.
+
+The detector finds knee joints; these checks say when a film or a knee should not be
+graded, each with its own status and a reason naming what was found:
+
+* film-level, before or beside detection: an over-exposed film (:func:`saturated_fraction`),
+  an under-exposed one (:func:`bright_level`), a lateral view and a film with no knee
+  (:class:`ViewClassifier`, a linear model on the detector backbone's pooled features);
+* knee-level, on each joint found (a bilateral film with one bad knee still grades the
+  other): a joint cut by the film's edge (:func:`cut_fraction`) and a metal implant
+  (:func:`metal_fraction`).
+
+The view classifier's file (``kneepipe/weights/view.npz``, made by ``kneepipe train view``)
+holds its preprocessing (input size, the backbone layers it pools) and the digest of the
+detector weights whose backbone it reads: features from other weights would be
+meaningless, so with another detector the view check is off and says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from kneepipe.files import file_digest, file_version
+
+log = logging.getLogger(__name__)
+
+DEFAULT_VIEW_MODEL = Path(__file__).resolve().parents[1] / "weights" / "view.npz"
+"""The shipped view classifier, used when the config's ``view_model`` is null."""
+
+VIEW_AP, VIEW_LATERAL, VIEW_NO_KNEE = "ap", "lateral", "no_knee"
+VIEW_CLASSES = (VIEW_AP, VIEW_LATERAL, VIEW_NO_KNEE)
+"""What the view classifier tells apart: an AP/PA knee film, a lateral knee view, a film with no knee."""
+
+LETTERBOX_GREY = 114  # the padding grey of the detector's own letterbox
+_NEAR_WHITE = 250
+
+
+def content_region(pixels: np.ndarray, step: int = 4) -> np.ndarray:
+    """A film's pixels inside its uniform outer rows and columns (scanner or export padding).
+
+    Outer rows and columns that are uniform on a grid of every ``step``-th pixel are left
+    out, so a uniform band along a border (white or black padding) does not count as
+    film content.
+
+    >>> film = np.full((100, 100), 255, np.uint8)
+    >>> film[20:80, 20:80] = 100
+    >>> content_region(film).shape
+    (60, 60)
+    """
+    grid = pixels[::step, ::step]
+    rows = np.flatnonzero(np.ptp(grid, axis=1) > 2)
+    columns = np.flatnonzero(np.ptp(grid, axis=0) > 2)
+    if len(rows) and len(columns):
+        return pixels[rows[0] * step : (rows[-1] + 1) * step, columns[0] * step : (columns[-1] + 1) * step]
+    return pixels
+
+
+def saturated_fraction(pixels: np.ndarray, step: int = 4) -> float:
+    """Share of a film's pixels at near-white (>= 250), over its content, not its uniform padding.
+
+    Scanners and exports pad films with uniform borders, white ones included; those are
+    not over-exposure (:func:`content_region`). Saturation within the film is.
+
+    >>> film = np.full((100, 100), 255, np.uint8)
+    >>> film[20:80, 20:80] = 100
+    >>> saturated_fraction(film)
+    0.0
+    """
+    return float(np.mean(content_region(pixels, step) >= _NEAR_WHITE))
+
+
+def bright_level(pixels: np.ndarray, step: int = 4) -> float:
+    """The grey level of the brightest 1% of a film's content (its 99th percentile).
+
+    On a usable film bone is the brightest tissue and reaches well into the upper half
+    of the grey range (172-250 on the 25 shared films that are not over-exposed); on an
+    under-exposed film nothing does.
+
+    >>> bright_level(np.full((64, 64), 30, np.uint8))
+    30.0
+    """
+    return float(np.percentile(content_region(pixels, step)[::2, ::2], 99))
+
+
+def exposure_problem(
+    pixels: np.ndarray, overexposed_fraction: float, underexposed_level: float
+) -> tuple[str, str] | None:
+    """``("overexposed" | "underexposed", reason)`` for a film too bright or too dark to grade, else None.
+
+    >>> exposure_problem(np.full((64, 64), 20, np.uint8), 0.3, 100)[0]
+    'underexposed'
+    """
+    from kneepipe.joints import STATUS_OVEREXPOSED, STATUS_UNDEREXPOSED
+
+    if (white := saturated_fraction(pixels)) > overexposed_fraction:
+        return STATUS_OVEREXPOSED, f"over-exposed film: {white:.0%} of its pixels are saturated white; not gradable"
+    if (level := bright_level(pixels)) < underexposed_level:
+        return (
+            STATUS_UNDEREXPOSED,
+            f"under-exposed film: its brightest 1% reaches only grey {level:.0f} of 255 "
+            f"(underexposed_level {underexposed_level:g}), so no bone stands out; not gradable",
+        )
+    return None
+
+
+def cut_fraction(box: Sequence[float], image_size: tuple[int, int]) -> float:
+    """How much of a joint box lies beyond the film's edge: the larger share of its width or height.
+
+    ``box`` is ``x1, y1, x2, y2`` in the film's pixels, ``image_size`` its ``(width, height)``.
+
+    >>> cut_fraction((-50, 10, 150, 210), (400, 400))
+    0.25
+    """
+    x1, y1, x2, y2 = (float(v) for v in box)
+    width, height = image_size
+    outside_x = max(0.0, -x1) + max(0.0, x2 - width)
+    outside_y = max(0.0, -y1) + max(0.0, y2 - height)
+    return max(outside_x / max(x2 - x1, 1e-6), outside_y / max(y2 - y1, 1e-6))
+
+
+def metal_fraction(crop: np.ndarray, metal_level: int, contrast: float, min_width: int = 7) -> float:
+    """Share of a joint crop covered by its largest metal-like region: smooth, near-white, far brighter than around it.
+
+    Metal stops nearly all X-rays: an implant is a large uniform region at the top of the
+    grey range with a sharp step down to the bone around it. Pixels at ``metal_level`` or
+    above are kept, thin bright strokes (burnt-in letters, wires, bead rims) narrower than
+    ``min_width`` pixels are opened away, and each remaining connected region counts when
+    the median grey of a 9-pixel ring around it lies at least ``contrast`` below
+    ``metal_level``: bone that merely saturates on a bright film fades into bright
+    surroundings instead. Returns the largest counting region's area over the crop's.
+
+    >>> crop = np.full((224, 224), 120, np.uint8)
+    >>> crop[100:140, 40:180] = 255
+    >>> round(metal_fraction(crop, 245, 25), 3)
+    0.112
+    >>> metal_fraction(np.full((224, 224), 250, np.uint8), 245, 25)
+    0.0
+    """
+    bright = (crop >= metal_level).astype(np.uint8)
+    if not bright.any():
+        return 0.0
+    solid = cv2.morphologyEx(bright, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (min_width,) * 2))
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(solid, connectivity=8)
+    near_bright = cv2.dilate(bright, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))).astype(bool)
+    ring_kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (19, 19))
+    largest = 0
+    for label in range(1, count):
+        area = int(stats[label, cv2.CC_STAT_AREA])
+        if area <= largest:
+            continue
+        ring = cv2.dilate((labels == label).astype(np.uint8), ring_kernel).astype(bool) & ~near_bright
+        if ring.any() and np.median(crop[ring]) <= metal_level - contrast:
+            largest = area
+    return largest / crop.size
+
+
+def letterbox(pixels: np.ndarray, size: int) -> np.ndarray:
+    """A film shrunk to fit a ``size`` square (aspect kept), centred on the detector's padding grey.
+
+    >>> letterbox(np.zeros((100, 50), np.uint8), 64)[:, 0].tolist()[:2]
+    [114, 114]
+    """
+    height, width = pixels.shape
+    scale = size / max(height, width)
+    resized = cv2.resize(
+        pixels, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA
+    )
+    square = np.full((size, size), LETTERBOX_GREY, np.uint8)
+    top, left = (size - resized.shape[0]) // 2, (size - resized.shape[1]) // 2
+    square[top : top + resized.shape[0], left : left + resized.shape[1]] = resized
+    return square
+
+
+def load_backbone(weights: Path, depth: int) -> Any:
+    """The first ``depth`` layers of a YOLO detector (its backbone), in eval mode, on the CPU.
+
+    Raises:
+        ValueError: a layer takes another input than the previous layer's output, so the
+            layers are not a plain chain (not a YOLOv8-style backbone).
+    """
+    from kneepipe.runtime import prepare_frameworks
+
+    prepare_frameworks()
+    from ultralytics import YOLO
+
+    network: Any = YOLO(str(weights), task="detect").model
+    layers = network.model[:depth]
+    if any(layer.f != -1 for layer in layers):
+        raise ValueError(f"{weights}: the first {depth} layers are not a plain chain; not a YOLOv8 backbone")
+    return layers.float().eval()
+
+
+def view_features(backbone: Any, films: Sequence[np.ndarray], size: int, layers: Sequence[int]) -> np.ndarray:
+    """Pooled backbone features of each film: the mean and the maximum of each channel of ``layers``.
+
+    Each film is letterboxed to ``size`` (:func:`letterbox`) and scaled to 0-1 in three
+    equal channels, as the detector sees its input.
+    """
+    import torch
+
+    batch = np.stack([letterbox(film, size) for film in films]).astype(np.float32) / 255.0
+    x = torch.from_numpy(np.repeat(batch[:, None], 3, axis=1))
+    pooled = []
+    with torch.inference_mode():
+        for index, layer in enumerate(backbone):
+            x = layer(x)
+            if index in layers:
+                pooled += [x.mean(dim=(2, 3)), x.amax(dim=(2, 3))]
+    return torch.cat(pooled, dim=1).numpy().astype(np.float64)
+
+
+@dataclass
+class ViewClassifier:
+    """Tells an AP/PA knee film from a lateral knee view and from a film with no knee.
+
+    A logistic regression on the detector backbone's pooled features of the whole film,
+    letterboxed to a small square (``size``). The file stores the standardisation, the
+    weights, the classes, the preprocessing and the detector weights' digest.
+
+    Attributes:
+        backbone: the detector's first layers (torch modules).
+        classes: the class of each column of :meth:`probabilities`.
+        size: the letterbox side the features are computed at.
+        layers: the backbone layers whose channels are pooled.
+        version: the file's name and content hash, recorded beside outputs.
+    """
+
+    backbone: Any = field(repr=False)
+    classes: tuple[str, ...]
+    mean: np.ndarray = field(repr=False)
+    scale: np.ndarray = field(repr=False)
+    coef: np.ndarray = field(repr=False)
+    intercept: np.ndarray = field(repr=False)
+    size: int
+    layers: tuple[int, ...]
+    version: str
+
+    @classmethod
+    def load(cls, path: Path, detector_weights: Path) -> ViewClassifier:
+        """Load a view classifier file and the backbone of the detector weights it was fitted on.
+
+        Raises:
+            FileNotFoundError: the file or the detector weights do not exist.
+            ValueError: the file was fitted on another detector's backbone (its digest
+                differs from ``detector_weights``'), or is not a view classifier file.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: view classifier not found")
+        with np.load(path, allow_pickle=False) as data:
+            try:
+                fields = {key: data[key] for key in ("classes", "mean", "scale", "coef", "intercept", "size", "layers")}
+                fitted_on = str(data["detector_digest"])
+            except KeyError as err:
+                raise ValueError(f"{path}: not a view classifier file (no {err})") from None
+        digest = file_digest(detector_weights)
+        if digest != fitted_on:
+            raise ValueError(
+                f"{path.name} was fitted on the backbone of detector weights {fitted_on}, not on "
+                f"{Path(detector_weights).name}@{digest}; refit it with `kneepipe train view`"
+            )
+        layers = tuple(int(v) for v in fields["layers"])
+        return cls(
+            backbone=load_backbone(Path(detector_weights), max(layers) + 1),
+            classes=tuple(str(v) for v in fields["classes"]),
+            mean=fields["mean"],
+            scale=fields["scale"],
+            coef=fields["coef"],
+            intercept=fields["intercept"],
+            size=int(fields["size"]),
+            layers=layers,
+            version=file_version(path),
+        )
+
+    def probabilities(self, films: Sequence[np.ndarray]) -> np.ndarray:
+        """Each film's probability of each class (rows sum to 1, columns in :attr:`classes` order)."""
+        if not films:
+            return np.empty((0, len(self.classes)))
+        features = view_features(self.backbone, films, self.size, self.layers)
+        logits = ((features - self.mean) / self.scale) @ self.coef.T + self.intercept
+        logits -= logits.max(axis=1, keepdims=True)
+        odds = np.exp(logits)
+        return odds / odds.sum(axis=1, keepdims=True)
