@@ -28,6 +28,7 @@ from kneepipe.detect.framing import crop_joint, square_box
 from kneepipe.detect.orientation import bone_orientation
 from kneepipe.detect.quality import (
     DEFAULT_VIEW_MODEL,
+    VIEW_AP,
     VIEW_CLASSES,
     VIEW_LATERAL,
     ViewClassifier,
@@ -380,7 +381,10 @@ class JointDetector:
             as_read = [radiographs[i].pixels for i in upright]
             kinds = self.view_classifier.probabilities(as_read) if self.view_classifier else [None] * len(films)
             for index, film, boxes, kind in zip(upright, films, results, kinds, strict=True):
-                if _best_confidence(boxes) < self.config.search_below and (len(boxes) or self.config.search_empty):
+                # A film with no joint is searched too when the view classifier reads an AP knee on it.
+                reads_ap = kind is not None and VIEW_CLASSES[int(np.argmax(kind))] == VIEW_AP
+                searched = len(boxes) or reads_ap or self.config.search_empty
+                if _best_confidence(boxes) < self.config.search_below and searched:
                     tilt = 0.0 if index in views else orientations[index].tilt
                     boxes = self.search_boxes(film, boxes, tilt)
                 detection = self.to_detection(radiographs[index], boxes, views.get(index))
