@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import time
 import warnings
 from collections.abc import Generator, Iterator
@@ -152,6 +153,7 @@ def run_pipeline_ray(
 
         joined = not ray.is_initialized()
         if joined:
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # Ray reports nothing from a clinic's run
             # Under the caller's own progress bar, Ray's warnings and notes would break it: errors only.
             level = logging.ERROR if progress else logging.WARNING
             ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=level)
