@@ -2,21 +2,22 @@
 
 The driver lists the inputs and opens the run folder as the local engine does
 (:func:`kneepipe.pipeline.run.open_run`), then hands the films still to do to Ray Data, one
-pipeline step (``pipeline_cfg.batch`` films, in input order) a row. A pool of
-:class:`FilmGrader` actors, each holding its own detector and grader loaded once, decodes,
-detects, grades and saves each step with :func:`kneepipe.pipeline.run.graded_steps`, the
-local engine's own per-film work, so a step's films are graded together exactly as locally
-and get the same logits. The records come back to the driver, which journals them as they
-arrive (:class:`kneepipe.pipeline.run.RunJournal`) and writes the outputs at the end
+task of ``STEPS_PER_TASK`` pipeline steps (``pipeline_cfg.batch`` films each, in input
+order) a row. A pool of :class:`FilmGrader` actors, each holding its own detector and
+grader loaded once, decodes, detects, grades and saves each task with
+:func:`kneepipe.pipeline.run.graded_steps`, the local engine's own per-film work, so a
+step's films are graded together exactly as locally and get the same logits. The records
+come back to the driver, which journals them as they arrive
+(:class:`kneepipe.pipeline.run.RunJournal`) and writes the outputs at the end
 (:func:`kneepipe.pipeline.run.close_run`): ``results.csv`` is the local engine's, row for row.
 
 Crops and thumbnails are written by the actors into the run folder, and the actors read the
 radiographs where the driver found them: on a cluster of several machines, the inputs and
 the run folder live on storage every node mounts at the same path.
 
-A step whose actor dies (a killed process, a lost node) is run again on a restarted actor,
+A task whose actor dies (a killed process, a lost node) is run again on a restarted actor,
 at most ``RETRIES`` times (Ray's ``max_restarts`` and ``max_task_retries``); the journal
-takes each film once, so a retried step never adds a row twice. An interrupted run resumes
+takes each film once, so a retried task never adds a row twice. An interrupted run resumes
 with either engine, since the engine is not part of the run's fingerprint.
 
 >>> from kneepipe.config import load_config
@@ -63,7 +64,7 @@ if TYPE_CHECKING:
     from kneepipe.pipeline.records import ImageRecord
 
 RETRIES = 3
-"""Times a step is run again after its actor died, and times an actor is restarted."""
+"""Times a task is run again after its actor died, and times an actor is restarted."""
 STEPS_PER_TASK = 4
 """Pipeline steps in one actor call (the unit Ray retries and returns): within a call, a step is
 detected while the one before is graded, as the local engine does."""
@@ -76,9 +77,10 @@ class FilmGrader:
 
     Each input row is one task (``films``: a JSON list of ``[path, name, key, note]``, a
     whole number of steps); it is graded as the local engine grades, detecting a step while
-    the step before is graded, and each step comes out as one row as soon as it is done: its
-    journal records (``records``, JSON) and the pooled features of its graded knees
-    (``features``, an ``.npy`` file's bytes) for the batch's shift score.
+    the step before is graded, and each step comes out as one row (Ray Data hands a task's
+    rows back when the task ends): its journal records (``records``, JSON) and the pooled
+    features of its graded knees (``features``, an ``.npy`` file's bytes) for the batch's
+    shift score.
     """
 
     def __init__(self, work: FilmWork) -> None:
@@ -121,12 +123,12 @@ def run_pipeline_ray(
     Args:
         inputs, out_dir, pipeline_cfg, detect_cfg, grade_cfg, labels, progress: as for
             :func:`kneepipe.pipeline.run.run_pipeline`; ``progress`` is called as each step
-            comes back (Ray Data's own progress bars are shown when it is None).
+            comes back (Ray Data's own progress is shown when it is None).
         detector, grader: models already loaded on the driver (loaded if None); the driver
             needs them for the versions in ``args.yaml``, the final grades and the report.
-        address: the cluster to join (``auto``: the one ``ray start`` set up on this node;
-            ``ray://host:10001`` through Ray Client); None starts a cluster on this machine
-            unless this process already joined one (``ray.init``).
+        address: the cluster to join (``auto``: the one ``ray start`` set up on this node,
+            or ``HOST:PORT`` of its head); None starts a Ray instance on this machine unless
+            this process already joined one (``ray.init``).
         actor_cpus: CPUs each model-holding actor reserves (and its frameworks' threads).
         actors: the number of actors; None scales from one to as many as the cluster's CPUs hold.
         steps_per_task: pipeline steps in one actor call (a run of many films gets more,
