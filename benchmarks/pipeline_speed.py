@@ -1,13 +1,15 @@
 """Throughput and memory of ``kneepipe run`` against a naive per-image loop, on the same films.
 
 Both modes process the same pseudo-radiographs (real OAI ``val`` crops placed on films by
-the project's compositor, JPEG, 1200-1800 px long side) with the same shipped models:
+the project's compositor, JPEG, 1200-3500 px long side, bilateral and single) with the same
+shipped models:
 
 * pipeline: :func:`kneepipe.pipeline.run.run_pipeline`, the library call behind
   ``kneepipe run`` (decode thread with bounded prefetch, detector batches, grader batches
   in threads beside the detector, crops and journal written);
-* naive: for each file in turn, decode, detect that one image, grade each of its crops
-  with batch size 1 (nothing written).
+* naive: what a user would otherwise write, in the float32 frameworks (the detector's
+  PyTorch weights, the grader's Keras network): for each file in turn, decode, detect that
+  one image, grade each of its crops with batch size 1 (nothing written).
 
 Each mode runs in its own process, the models loaded before the clock starts, so the
 peak resident memory (``ru_maxrss``) and the resident memory sampled at each quarter of
@@ -69,8 +71,15 @@ def worker(
     from kneepipe.pipeline.run import load_models, run_pipeline
 
     paths = find_images(films)[:count]
-    detect_cfg = load_config(DetectConfig, overrides={"model": models.get("detector")})
-    grade_cfg = load_config(GradeConfig, overrides={"model": models.get("grader"), "precision": precision})
+    frameworks = mode == "naive"  # the float32 frameworks themselves, not the compiled networks
+    detect_cfg = load_config(
+        DetectConfig, overrides={"model": models.get("detector")} | ({"runtime": "torch"} if frameworks else {})
+    )
+    grade_cfg = load_config(
+        GradeConfig,
+        overrides={"model": models.get("grader"), "precision": precision}
+        | ({"runtime": "keras"} if frameworks else {}),
+    )
     detector, grader = load_models(detect_cfg, grade_cfg)
     # Warm both models on one film (first-call graph building is not throughput).
     warm = detector.detect([read_radiograph(paths[0], max_side=detect_cfg.max_side)])[0]
@@ -143,7 +152,7 @@ def compose_films(crops: Path, folder: Path, count: int, seed: int) -> Path:
 
     images = folder / "images"
     if not images.is_dir() or len(list(images.glob("*.jpg"))) < count:
-        compose_dataset(crops, folder, count=count, seed=seed, long_side=(1200, 1800))
+        compose_dataset(crops, folder, count=count, seed=seed, long_side=(1200, 3500))
     return images
 
 
