@@ -399,18 +399,22 @@ class JointDetector:
         """The film's view and each knee's quality, applied to one film's detection.
 
         A film the view classifier calls lateral (probability at least
-        ``config.lateral_threshold``) is refused as ``lateral_view`` whether or not a knee
-        was boxed; a film with no joint is ``no_knee``. Each joint found is then checked
-        on its own, so one bad knee of a bilateral film leaves the other graded: a joint
+        ``config.lateral_threshold``) is refused as ``lateral_view`` unless the detector
+        found a joint at ``config.lateral_keep_conf`` or above; its knees are then graded
+        and, like those of any film read lateral from ``config.view_review``, marked for
+        review as a borderline view. A film with no joint is ``no_knee``. Each joint
+        found is then checked on its own, so one bad knee of a bilateral film leaves the other graded: a joint
         box lying beyond the film's edge by more than ``config.partial_fraction`` of its
         side is ``partial``, and a crop with a smooth near-white region over
         ``config.prosthesis_fraction`` of it (:func:`~kneepipe.detect.quality.metal_fraction`)
         is ``knee_prosthesis``. A film whose knees are all refused takes the first one's status.
         """
+        lateral = 0.0
         if view_probabilities is not None:
-            odds = dict(zip(VIEW_CLASSES, (float(p) for p in view_probabilities), strict=True))
-            if odds[VIEW_LATERAL] >= self.config.lateral_threshold:
-                reason = f"{LATERAL_REASON} (view classifier: lateral {odds[VIEW_LATERAL]:.2f})"
+            lateral = float(view_probabilities[VIEW_CLASSES.index(VIEW_LATERAL)])
+            best = max((joint.confidence for joint in detection.joints), default=0.0)
+            if lateral >= self.config.lateral_threshold and best < self.config.lateral_keep_conf:
+                reason = f"{LATERAL_REASON} (view classifier: lateral {lateral:.2f})"
                 return Detection(radiograph.path, (), STATUS_LATERAL_VIEW, reason)
         if not detection.joints:
             if detection.status == STATUS_NO_KNEE:
@@ -430,6 +434,9 @@ class JointDetector:
                     f"at grey {self.config.metal_level} or above, far brighter than the bone around it); not graded"
                 )
                 joint = dataclasses.replace(joint, status=STATUS_KNEE_PROSTHESIS, message=reason)
+            if lateral >= self.config.view_review:
+                doubt = f"borderline view: the view classifier reads lateral {lateral:.2f}"
+                joint = dataclasses.replace(joint, review=(*joint.review, doubt))
             joints.append(joint)
         refused = [joint for joint in joints if joint.status != STATUS_OK]
         if len(refused) == len(joints):

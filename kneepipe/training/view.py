@@ -89,6 +89,33 @@ def _window(pixels: np.ndarray, x1: float, y1: float, x2: float, y2: float) -> n
     return np.ascontiguousarray(pixels[top:bottom, left:right])
 
 
+def _border_grey(pixels: np.ndarray) -> int:
+    return int(np.median(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])))
+
+
+def _padded_window(pixels: np.ndarray, cx: float, cy: float, w: float, h: float) -> np.ndarray:
+    """The ``w`` x ``h`` window centred on ``(cx, cy)``; where it leaves the film, the film's border grey."""
+    left, top = int(round(cx - w / 2)), int(round(cy - h / 2))
+    width, height = max(8, int(round(w))), max(8, int(round(h)))
+    canvas = np.full((height, width), _border_grey(pixels), np.uint8)
+    x1, y1 = max(0, left), max(0, top)
+    x2, y2 = min(pixels.shape[1], left + width), min(pixels.shape[0], top + height)
+    if x2 > x1 and y2 > y1:
+        canvas[y1 - top : y2 - top, x1 - left : x2 - left] = pixels[y1:y2, x1:x2]
+    return canvas
+
+
+def _tilted(pixels: np.ndarray, angle: float) -> np.ndarray:
+    """The whole film rotated by ``angle`` degrees on a canvas large enough to hold it, padded with its border grey."""
+    height, width = pixels.shape
+    matrix = cv2.getRotationMatrix2D((width / 2, height / 2), angle, 1.0)
+    cos, sin = abs(matrix[0, 0]), abs(matrix[0, 1])
+    new_w, new_h = int(height * sin + width * cos), int(height * cos + width * sin)
+    matrix[0, 2] += new_w / 2 - width / 2
+    matrix[1, 2] += new_h / 2 - height / 2
+    return cv2.warpAffine(pixels, matrix, (new_w, new_h), borderValue=_border_grey(pixels))
+
+
 def film_examples(
     name: str,
     pixels: np.ndarray,
@@ -110,9 +137,27 @@ def film_examples(
             y, x = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
             part = small[y : y + h, x : x + w]
         examples.append(ViewExample(name, view, False, augment(image=np.ascontiguousarray(part))["image"]))
-    if not boxes:
+    for _ in range(recipe.copies // 3):  # the whole film tilted on a padded canvas
+        examples.append(ViewExample(name, view, False, augment(image=_tilted(small, rng.uniform(-20, 20)))["image"]))
+    if not boxes:  # zoomed in and out about the middle of the film, padded where the window leaves it
+        for _ in range(recipe.copies // 2):
+            span = rng.uniform(0.5, 2.5)
+            w = width * span
+            h = w * rng.uniform(1.0, 1.6) if rng.random() < 0.5 else height * span
+            cx, cy = width * rng.uniform(0.3, 0.7), height * rng.uniform(0.3, 0.7)
+            part = _padded_window(small, cx, cy, w, h)
+            examples.append(ViewExample(name, view, False, augment(image=part)["image"]))
         return examples
     scaled = [np.array(box) * scale for box in boxes]
+    for _ in range(recipe.copies // 2):  # one knee spanning 20-90% of a portrait window, padded beyond the film
+        x1, y1, x2, y2 = scaled[int(rng.integers(len(scaled)))]
+        side = x2 - x1
+        w = side / rng.uniform(0.2, 0.9)
+        h = w * rng.uniform(1.1, 1.5)
+        cx = (x1 + x2) / 2 + rng.uniform(-0.5, 0.5) * (w - side)
+        cy = (y1 + y2) / 2 + rng.uniform(-0.5, 0.5) * (h - side)
+        part = _padded_window(small, cx, cy, w, h)
+        examples.append(ViewExample(name, view, False, augment(image=part)["image"]))
     for _ in range(recipe.copies):  # one knee of the film, at any zoom: a single AP knee
         x1, y1, x2, y2 = scaled[int(rng.integers(len(scaled)))]
         side = x2 - x1
