@@ -6,7 +6,7 @@ once phase by phase (decode, inference, crop, write) and once end to end through
 prints radiographs per second. A benchmark, not a test: figures depend on the machine
 and on what else runs on it.
 
-    python benchmarks/detect_speed.py [--model PATH] [--batch 8] [--threads N]
+    python benchmarks/detect_speed.py [--model PATH] [--batch 8] [--threads N] [key=value ...]
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ def main() -> None:
     parser.add_argument("--model", help="detector weights; default: the shipped model")
     parser.add_argument("--batch", type=int, help="radiographs per inference batch")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("overrides", nargs="*", help="detect config overrides, key=value (e.g. search_below=0)")
     args = parser.parse_args()
 
-    from kneepipe.config import load_config
+    from kneepipe.config import load_config, parse_overrides
     from kneepipe.detect.config import DetectConfig
     from kneepipe.detect.predict import (
         JointDetector,
@@ -39,6 +40,7 @@ def main() -> None:
     from kneepipe.imaging import find_images, read_radiograph
 
     overrides = {k: v for k, v in {"model": args.model, "batch": args.batch}.items() if v}
+    overrides.update(parse_overrides(args.overrides))
     config = load_config(DetectConfig, overrides=overrides)
     tick = time.perf_counter()
     detector = JointDetector.load(config)
