@@ -134,12 +134,14 @@ def metal_fraction(crop: np.ndarray, metal_level: int, contrast: float, min_widt
     ``min_width`` pixels are opened away, and each remaining connected region counts when
     the median grey of a 9-pixel ring around it lies at least ``contrast`` below
     ``metal_level``: bone that merely saturates on a bright film fades into bright
-    surroundings instead. Returns the largest counting region's area over the crop's.
+    surroundings instead. A region covering half the crop or more is not counted: an
+    implant never fills the joint crop, a knee washed out white does. Returns the largest
+    counting region's area over the crop's.
 
     >>> crop = np.full((224, 224), 120, np.uint8)
     >>> crop[100:140, 40:180] = 255
     >>> round(metal_fraction(crop, 245, 25), 3)
-    0.112
+    0.111
     >>> metal_fraction(np.full((224, 224), 250, np.uint8), 245, 25)
     0.0
     """
@@ -153,7 +155,7 @@ def metal_fraction(crop: np.ndarray, metal_level: int, contrast: float, min_widt
     largest = 0
     for label in range(1, count):
         area = int(stats[label, cv2.CC_STAT_AREA])
-        if area <= largest:
+        if area <= largest or area >= crop.size // 2:
             continue
         ring = cv2.dilate((labels == label).astype(np.uint8), ring_kernel).astype(bool) & ~near_bright
         if ring.any() and np.median(crop[ring]) <= metal_level - contrast:
