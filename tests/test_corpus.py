@@ -96,8 +96,8 @@ def build_corpus(folder: Path, outside: Path, radiographs_dir: Path, oai_dir: Pa
         path.write_bytes(data)
         cases.append(Case(name, status, words, hidden))
 
-    def dicom(name: str, status: str, words: str, preamble: bool = True, **elements) -> None:
-        dataset = make_dicom(knees, "MONOCHROME2", 8)
+    def dicom(name: str, status: str, words: str, preamble: bool = True, pixels=None, **elements) -> None:
+        dataset = make_dicom(knees if pixels is None else pixels, "MONOCHROME2", 8)
         for tag, (vr, value) in elements.pop("raw", {}).items():
             dataset.add_new(tag, vr, value)  # a value of the wrong kind, as damaged files carry
         for keyword, value in elements.items():
@@ -141,7 +141,8 @@ def build_corpus(folder: Path, outside: Path, radiographs_dir: Path, oai_dir: Pa
     dicom("dicom_ok.dcm", "ok", "")
     dicom("IM0001", "ok", "")  # no suffix, DICM marker
     dicom("IM0002_NO_PREAMBLE", "ok", "", preamble=False)  # no suffix, no preamble, no marker
-    dicom("dicom_monochrome1.dcm", "ok", "", PhotometricInterpretation="MONOCHROME1")
+    # MONOCHROME1 stores bone dark: the film's grey levels inverted, which reading undoes.
+    dicom("dicom_monochrome1.dcm", "ok", "", pixels=255 - knees, PhotometricInterpretation="MONOCHROME1")
     dicom("dicom_bad_window.dcm", "ok", "", WindowWidth="100", raw={0x00281050: ("LO", "zz")})
     dicom("dicom_bad_spacing.dcm", "ok", "", raw={0x00280030: ("LO", "a\\b")})
     dicom("dicom_frames_zero.dcm", "ok", "", raw={0x00280008: ("LO", "0")})
