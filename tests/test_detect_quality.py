@@ -10,6 +10,7 @@ model card. Films made here (cut, darkened, with a drawn-in implant) live in tmp
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
@@ -181,6 +182,8 @@ def test_a_knee_prosthesis_is_not_graded_and_the_other_knee_is(annotations, radi
     assert rows["R"]["status"] == "knee_prosthesis" and "metal implant" in rows["R"]["message"], rows["R"]
     assert not rows["R"]["kl_grade"]
     assert rows["L"]["status"] == "ok" and rows["L"]["kl_grade"] in {"0", "1", "2", "3", "4"}, rows["L"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["knees_graded"] == 1 and summary["knees_refused"] == {"knee_prosthesis": 1}
 
 
 def test_the_shipped_view_classifier_reads_the_shipped_detector(detector):

@@ -259,6 +259,7 @@ def batch_summary(images: dict[str, ImageRecord], group_pattern: str | None = No
     def tally(records: Sequence[ImageRecord]) -> dict[str, Any]:
         grades = [knee["kl_grade"] for r in records for knee in r["knees"] if knee["status"] == STATUS_OK]
         refused = Counter(r["status"] for r in records if r["status"] != STATUS_OK)
+        knees_refused = Counter(k["status"] for r in records for k in r["knees"] if k["status"] != STATUS_OK)
         return {
             "images": len(records),
             "images_graded": sum(r["status"] == STATUS_OK for r in records),
@@ -266,6 +267,7 @@ def batch_summary(images: dict[str, ImageRecord], group_pattern: str | None = No
             "grade_counts": np.bincount(np.asarray(grades, dtype=int), minlength=len(KL_GRADES)).tolist(),
             "refused": dict(sorted(refused.items())),
             "knees_needing_review": sum(knee.get("needs_review", False) for r in records for knee in r["knees"]),
+            "knees_refused": dict(sorted(knees_refused.items())),  # found, not graded: a prosthesis, a cut joint
         }
 
     records = list(images.values())
