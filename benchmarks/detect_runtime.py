@@ -58,5 +58,6 @@ def main() -> None:
             f"speed-up {min(seconds['torch']) / min(seconds[runtime]):.2f}x"
         )
 
+
 if __name__ == "__main__":
     main()
