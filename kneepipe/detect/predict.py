@@ -32,6 +32,7 @@ from kneepipe.detect.quality import (
     VIEW_CLASSES,
     VIEW_LATERAL,
     ViewClassifier,
+    border_grey,
     cut_fraction,
     exposure_problem,
     metal_fraction,
@@ -130,8 +131,7 @@ def straightened_view(pixels: np.ndarray, tilt: float) -> FilmView:
     """
     height, width = pixels.shape
     matrix = cv2.getRotationMatrix2D((width / 2, height / 2), tilt, 1.0)
-    grey = int(np.median(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])))
-    turned = cv2.warpAffine(pixels, matrix, (width, height), flags=cv2.INTER_LINEAR, borderValue=grey)
+    turned = cv2.warpAffine(pixels, matrix, (width, height), flags=cv2.INTER_LINEAR, borderValue=border_grey(pixels))
     way = "counter-clockwise" if tilt > 0 else "clockwise"
     reason = f"film tilted: detected and cropped straightened by {abs(tilt):.0f} degrees {way}"
     return FilmView(turned, matrix, reason)

@@ -42,6 +42,15 @@ LETTERBOX_GREY = 114  # the padding grey of the detector's own letterbox
 _NEAR_WHITE = 250
 
 
+def border_grey(pixels: np.ndarray) -> int:
+    """The median grey of a film's outermost rows and columns: what fills a view beyond its edge.
+
+    >>> border_grey(np.pad(np.full((4, 4), 200, np.uint8), 1, constant_values=10))
+    10
+    """
+    return int(np.median(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])))
+
+
 def content_region(pixels: np.ndarray, step: int = 4) -> np.ndarray:
     """A film's pixels inside its uniform outer rows and columns (scanner or export padding).
 

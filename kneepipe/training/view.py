@@ -25,7 +25,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from kneepipe.detect.quality import VIEW_AP, VIEW_CLASSES, VIEW_LATERAL, VIEW_NO_KNEE
+from kneepipe.detect.quality import VIEW_AP, VIEW_CLASSES, VIEW_LATERAL, VIEW_NO_KNEE, border_grey
 
 KIND_TO_VIEW = {"bilateral": VIEW_AP, "single": VIEW_AP, "lateral": VIEW_LATERAL, "foot": VIEW_NO_KNEE}
 """Annotation kinds and the view they teach; ``bad_exposure`` films are refused before the view check."""
@@ -89,15 +89,11 @@ def _window(pixels: np.ndarray, x1: float, y1: float, x2: float, y2: float) -> n
     return np.ascontiguousarray(pixels[top:bottom, left:right])
 
 
-def _border_grey(pixels: np.ndarray) -> int:
-    return int(np.median(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])))
-
-
 def _padded_window(pixels: np.ndarray, cx: float, cy: float, w: float, h: float) -> np.ndarray:
     """The ``w`` x ``h`` window centred on ``(cx, cy)``; where it leaves the film, the film's border grey."""
     left, top = int(round(cx - w / 2)), int(round(cy - h / 2))
     width, height = max(8, int(round(w))), max(8, int(round(h)))
-    canvas = np.full((height, width), _border_grey(pixels), np.uint8)
+    canvas = np.full((height, width), border_grey(pixels), np.uint8)
     x1, y1 = max(0, left), max(0, top)
     x2, y2 = min(pixels.shape[1], left + width), min(pixels.shape[0], top + height)
     if x2 > x1 and y2 > y1:
@@ -113,7 +109,7 @@ def _tilted(pixels: np.ndarray, angle: float) -> np.ndarray:
     new_w, new_h = int(height * sin + width * cos), int(height * cos + width * sin)
     matrix[0, 2] += new_w / 2 - width / 2
     matrix[1, 2] += new_h / 2 - height / 2
-    return cv2.warpAffine(pixels, matrix, (new_w, new_h), borderValue=_border_grey(pixels))
+    return cv2.warpAffine(pixels, matrix, (new_w, new_h), borderValue=border_grey(pixels))
 
 
 def film_examples(
