@@ -22,6 +22,7 @@ from kneepipe.detect.predict import (
     DEFAULT_WEIGHTS,
     JOINTS_CSV_COLUMNS,
     JointDetector,
+    model_input,
     pair_partner,
     saturated_fraction,
     suppress_nested,
@@ -233,3 +234,18 @@ def test_cli_fails_cleanly_on_missing_input_or_weights(tmp_path, radiographs_dir
         ],
     )
     assert no_model.exit_code == EXIT_FAILED and "x.pt" in no_model.output
+
+
+def test_the_model_sees_a_large_film_as_its_letterbox_would_resize_it(radiographs_dir):
+    from ultralytics.data.augment import LetterBox
+
+    film = cv2.imread(str(radiographs_dir / "stage_2_2.jpg"), cv2.IMREAD_GRAYSCALE)
+    height, width = film.shape
+    pixels, (scale_x, scale_y) = model_input(film, 416)
+    assert max(pixels.shape[:2]) == 416 and pixels.shape[2] == 3
+    assert scale_x * pixels.shape[1] == pytest.approx(width) and scale_y * pixels.shape[0] == pytest.approx(height)
+    letterbox = LetterBox((416, 416), auto=False)
+    expected = letterbox(image=cv2.cvtColor(film, cv2.COLOR_GRAY2BGR))
+    assert np.array_equal(letterbox(image=pixels), expected)  # the very pixels the model saw before
+    small = film[:200, :300]
+    assert np.array_equal(model_input(small, 416)[0][..., 0], small) and model_input(small, 416)[1] == (1.0, 1.0)
