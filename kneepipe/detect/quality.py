@@ -12,8 +12,8 @@ graded, each with its own status and a reason naming what was found:
 
 The view classifier's file (``kneepipe/weights/view.npz``, made by ``kneepipe train view``)
 holds its preprocessing (input size, the backbone layers it pools) and the digest of the
-detector weights whose backbone it reads: features from other weights would be
-meaningless, so with another detector the view check is off and says so.
+backbone it reads (:func:`backbone_digest`): features from another backbone would be
+meaningless, so with a detector whose backbone differs the view check is off and says so.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from kneepipe.files import file_digest, file_version
+from kneepipe.files import file_version
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +208,22 @@ def load_backbone(weights: Path, depth: int) -> Any:
     return layers.float().eval()
 
 
+def backbone_digest(backbone: Any) -> str:
+    """A short content hash of a backbone's parameters and buffers (batch-norm statistics too).
+
+    Two detectors whose backbones hold the same numbers (a detector fine-tuned with its
+    backbone frozen keeps them) give the same digest, so a view classifier fitted on one
+    stays valid on the other.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in backbone.state_dict().items():
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(tensor.detach().cpu().float().numpy()).tobytes())
+    return digest.hexdigest()[:12]
+
+
 def view_features(backbone: Any, films: Sequence[np.ndarray], size: int, layers: Sequence[int]) -> np.ndarray:
     """Pooled backbone features of each film: the mean and the maximum of each channel of ``layers``.
 
@@ -268,18 +284,19 @@ class ViewClassifier:
         with np.load(path, allow_pickle=False) as data:
             try:
                 fields = {key: data[key] for key in ("classes", "mean", "scale", "coef", "intercept", "size", "layers")}
-                fitted_on = str(data["detector_digest"])
+                fitted_on = str(data["backbone_digest"])
             except KeyError as err:
                 raise ValueError(f"{path}: not a view classifier file (no {err})") from None
-        digest = file_digest(detector_weights)
+        layers = tuple(int(v) for v in fields["layers"])
+        backbone = load_backbone(Path(detector_weights), max(layers) + 1)
+        digest = backbone_digest(backbone)
         if digest != fitted_on:
             raise ValueError(
-                f"{path.name} was fitted on the backbone of detector weights {fitted_on}, not on "
-                f"{Path(detector_weights).name}@{digest}; refit it with `kneepipe train view`"
+                f"{path.name} was fitted on a detector backbone with digest {fitted_on}; that of "
+                f"{Path(detector_weights).name} is {digest}; refit it with `kneepipe train view`"
             )
-        layers = tuple(int(v) for v in fields["layers"])
         return cls(
-            backbone=load_backbone(Path(detector_weights), max(layers) + 1),
+            backbone=backbone,
             classes=tuple(str(v) for v in fields["classes"]),
             mean=fields["mean"],
             scale=fields["scale"],

@@ -281,7 +281,7 @@ def train_view(
     Writes ``out`` (the classifier, KB-sized) and ``out`` with ``.json`` (the recipe, the
     example counts and, with ``measure``, each real film's held-out probabilities).
     """
-    from kneepipe.detect.quality import load_backbone, view_features
+    from kneepipe.detect.quality import backbone_digest, load_backbone, view_features
     from kneepipe.files import file_digest, write_atomic
 
     examples = view_examples(radiographs, annotations, crops, recipe)
@@ -318,7 +318,7 @@ def train_view(
             intercept=intercept[order],
             size=np.array(recipe.size),
             layers=np.array(recipe.layers),
-            detector_digest=np.array(file_digest(detector_weights)),
+            backbone_digest=np.array(backbone_digest(backbone)),
             recipe=np.array(json.dumps(report["recipe"])),
         )
     write_atomic(out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
