@@ -371,12 +371,13 @@ def main() -> int:
     parser.add_argument("--crops", type=Path, default=DEFAULT_CROPS, help="OAI val crops <grade>/<patient><side>.png")
     parser.add_argument("--limit", type=int, default=None, help="only the first N patients")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("overrides", nargs="*", help="detect config overrides, key=value (model=PATH runtime=torch)")
     args = parser.parse_args()
 
     from kneepipe.runtime import prepare_frameworks
 
     prepare_frameworks()
-    from kneepipe.config import load_config
+    from kneepipe.config import load_config, parse_overrides
     from kneepipe.detect.config import DetectConfig
     from kneepipe.grade.config import GradeConfig
     from kneepipe.grade.folder import grade_folder
@@ -390,7 +391,7 @@ def main() -> int:
         render_films(args.crops, films, args.seed, args.limit)
         print(f"rendered films in {time.perf_counter() - started:.0f} s -> {films}", file=sys.stderr)
     pipeline_cfg = load_config(PipelineConfig, overrides={"overwrite": True, "thumbnail_size": 0})
-    detect_cfg = load_config(DetectConfig)
+    detect_cfg = load_config(DetectConfig, overrides=parse_overrides(args.overrides))
     grade_cfg = load_config(GradeConfig)
     detector, grader = load_models(detect_cfg, grade_cfg)
     assert detector is not None and grader is not None

@@ -110,3 +110,23 @@ def test_a_faithful_composite_keeps_the_crops_pixels_in_their_boxes(oai_dir: Pat
             errors.append(np.abs(cut - original).mean())
     # Resampling to the box size and back costs a grey level or two, nothing more.
     assert max(errors) < 3.0, errors
+
+
+def test_scale_variety_frames_knees_small_and_filling_the_film_and_leaves_other_seeds_alone(oai_dir: Path, tmp_path):
+    """Scale variety adds small-knee and frame-filling films; at 0 a seed still gives the usual films."""
+    usual, varied = tmp_path / "usual", tmp_path / "varied"
+    compose_dataset(oai_dir / "val", usual, count=30, seed=5)
+    compose_dataset(oai_dir / "val", varied, count=30, seed=5, scale_variety=1.0)
+
+    def widths(folder: Path) -> list[float]:  # each knee's box width as a share of its film's width
+        shares = []
+        for label_file in (folder / "labels").glob("*.txt"):
+            shares += [float(line.split()[3]) for line in label_file.read_text().splitlines() if line]
+        return shares
+
+    again = tmp_path / "again"
+    compose_dataset(oai_dir / "val", again, count=30, seed=5, scale_variety=0.0)
+    assert (again / "labels.csv").read_text() == (usual / "labels.csv").read_text()
+    usual_widths, varied_widths = widths(usual), widths(varied)
+    assert min(usual_widths) > 0.2 and max(usual_widths) < 0.8
+    assert sum(w < 0.2 for w in varied_widths) >= 5 and sum(w > 0.77 for w in varied_widths) >= 2

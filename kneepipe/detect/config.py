@@ -51,9 +51,11 @@ class DetectConfig:
     train_images: int = field(metadata=rule(range=(1, 100000)))
     val_images: int = field(metadata=rule(range=(1, 100000)))
     bilateral_fraction: float = field(metadata=rule(range=(0.0, 1.0)))
+    scale_variety: float = field(metadata=rule(range=(0.0, 1.0)))
     background_copies: int = field(metadata=rule(range=(0, 20)))
     model_yaml: str
     init_weights: str | None
+    freeze: int = field(metadata=rule(range=(0, 22)))
     train_epochs: int = field(metadata=rule(range=(1, 1000)))
     train_imgsz: int = field(metadata=rule(range=(64, 2048)))
     train_batch: int = field(metadata=rule(range=(1, 512)))

@@ -213,6 +213,7 @@ def compose_radiograph(
     knees: Sequence[tuple[np.ndarray, str, int, Path]],
     long_side: int,
     faithful: bool = False,
+    scale_variety: float = 0.0,
 ) -> tuple[np.ndarray, list[PlacedKnee]]:
     """Build one pseudo-radiograph from one or two crops.
 
@@ -231,6 +232,10 @@ def compose_radiograph(
             used as given (mirror them beforehand to swap a side).
         long_side: the composite's longer side in pixels.
         faithful: keep the crops' pixels inside their boxes (see above).
+        scale_variety: share of films framed beyond the usual bilateral and single-knee
+            films (see :func:`_framing_beyond_usual`): knees small on a wide or full-leg
+            film, or a single knee filling the frame. At 0 no random number is drawn for
+            it, so a seed gives the same films as before the option existed.
 
     Returns:
         The ``uint8`` grayscale composite and its knees with square boxes.
@@ -240,6 +245,8 @@ def compose_radiograph(
         width_factor, height_factor = rng.uniform(2.5, 4.6), rng.uniform(1.7, 4.0)
     else:
         width_factor, height_factor = rng.uniform(1.3, 2.8), rng.uniform(1.7, 4.0)
+    if scale_variety > 0 and rng.random() < scale_variety:
+        width_factor, height_factor = _framing_beyond_usual(rng, bilateral)
     s = long_side / max(width_factor, height_factor)
     width, height = int(round(s * width_factor)), int(round(s * height_factor))
 
@@ -301,6 +308,22 @@ def compose_radiograph(
     if rng.random() < 0.3:
         image, placed = _pad(rng, image, placed)
     return image, placed
+
+
+def _framing_beyond_usual(rng: np.random.Generator, bilateral: bool) -> tuple[float, float]:
+    """Film width and height in knee-box sides for a film framed unlike the usual ones.
+
+    Real films show knees from about a sixth of the film's width (a full-leg film, a
+    wide bilateral cassette) to almost all of it (a single knee filling the frame). Half
+    of these films are small-knee films: bilateral 4.6-7 box sides wide, single 2.8-6,
+    and 3-8 high (hip to ankle). The other half of the single-knee ones fill the frame:
+    1.05-1.3 box sides wide and 1.1-1.7 high; a bilateral film cannot fill it and is
+    framed small instead.
+    """
+    if bilateral or rng.random() < 0.5:
+        wide = rng.uniform(4.6, 7.0) if bilateral else rng.uniform(2.8, 6.0)
+        return wide, rng.uniform(3.0, 8.0)
+    return rng.uniform(1.05, 1.3), rng.uniform(1.1, 1.7)
 
 
 def _rotate(rng, image, placed):
@@ -376,6 +399,7 @@ def compose_dataset(
     seed: int = 0,
     bilateral_fraction: float = 0.65,
     long_side: tuple[int, int] = (512, 768),
+    scale_variety: float = 0.0,
     images_subdir: str = "images",
     labels_subdir: str = "labels",
 ) -> Path:
@@ -394,6 +418,9 @@ def compose_dataset(
         bilateral_fraction: share of composites showing a patient's two knees (where
             both crops exist); the rest show one knee.
         long_side: range of the composites' longer side in pixels.
+        scale_variety: share of composites framed beyond the usual (small knees on wide
+            or full-leg films, single knees filling the frame); see
+            :func:`compose_radiograph`.
 
     Returns:
         The path of ``labels.csv``.
@@ -420,7 +447,7 @@ def compose_dataset(
                 pixels, side = pixels[:, ::-1].copy(), "L" if side == "R" else "R"
             knees.append((pixels, side, crop.kl_grade, crop.path))
         size = int(rng.integers(long_side[0], long_side[1] + 1))
-        image, placed = compose_radiograph(rng, knees, size)
+        image, placed = compose_radiograph(rng, knees, size, scale_variety=scale_variety)
         name = f"composite_{index:05d}.jpg"
         ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(80, 97))])
         if not ok:

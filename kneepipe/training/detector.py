@@ -96,6 +96,7 @@ def build_dataset(config: DetectConfig, dataset_dir: Path) -> Path:
             count=count,
             seed=seed,
             bilateral_fraction=config.bilateral_fraction,
+            scale_variety=config.scale_variety,
             images_subdir=f"images/{split}",
             labels_subdir=f"labels/{split}",
         )
@@ -146,6 +147,7 @@ def ultralytics_train_args(config: DetectConfig, data_yaml: Path, out_dir: Path)
         "fliplr": 0.0,  # a flip swaps anatomy, not the label
         "flipud": 0.0,
         "warmup_epochs": config.warmup_epochs,
+        "freeze": config.freeze or None,
         "mosaic": config.mosaic,
         "close_mosaic": config.close_mosaic,
         "patience": config.patience,
