@@ -52,6 +52,7 @@ class DetectConfig:
     val_images: int = field(metadata=rule(range=(1, 100000)))
     bilateral_fraction: float = field(metadata=rule(range=(0.0, 1.0)))
     scale_variety: float = field(metadata=rule(range=(0.0, 1.0)))
+    exposure_variety: float = field(metadata=rule(range=(0.0, 1.0)))
     background_copies: int = field(metadata=rule(range=(0, 20)))
     model_yaml: str
     init_weights: str | None

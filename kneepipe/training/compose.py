@@ -214,6 +214,7 @@ def compose_radiograph(
     long_side: int,
     faithful: bool = False,
     scale_variety: float = 0.0,
+    exposure_variety: float = 0.0,
 ) -> tuple[np.ndarray, list[PlacedKnee]]:
     """Build one pseudo-radiograph from one or two crops.
 
@@ -236,6 +237,9 @@ def compose_radiograph(
             films (see :func:`_framing_beyond_usual`): knees small on a wide or full-leg
             film, or a single knee filling the frame. At 0 no random number is drawn for
             it, so a seed gives the same films as before the option existed.
+        exposure_variety: share of films washed out (gamma 0.3-0.6 instead of 0.6-1.6):
+            soft tissue lifted almost to the bone's grey, bones faint, as some systems
+            render them. At 0 no random number is drawn for it either.
 
     Returns:
         The ``uint8`` grayscale composite and its knees with square boxes.
@@ -298,7 +302,10 @@ def compose_radiograph(
 
     # Exposure: contrast, brightness and gamma of the film; then noise and blur.
     film = np.clip(film * rng.uniform(0.8, 1.25) + rng.uniform(-25, 25), 0, 255) / 255.0
-    film = np.power(film, rng.uniform(0.6, 1.6)) * 255.0
+    gamma = rng.uniform(0.6, 1.6)
+    if exposure_variety > 0 and rng.random() < exposure_variety:  # soft tissue lifted almost to bone
+        gamma = rng.uniform(0.3, 0.6)
+    film = np.power(film, gamma) * 255.0
     film = cv2.GaussianBlur(film, (0, 0), rng.uniform(0.4, 1.4)) if rng.random() < 0.4 else film
     film = film + rng.normal(0, rng.uniform(0, 7), film.shape)
     image = np.clip(film, 0, 255).astype(np.uint8)
@@ -400,6 +407,7 @@ def compose_dataset(
     bilateral_fraction: float = 0.65,
     long_side: tuple[int, int] = (512, 768),
     scale_variety: float = 0.0,
+    exposure_variety: float = 0.0,
     images_subdir: str = "images",
     labels_subdir: str = "labels",
 ) -> Path:
@@ -421,6 +429,7 @@ def compose_dataset(
         scale_variety: share of composites framed beyond the usual (small knees on wide
             or full-leg films, single knees filling the frame); see
             :func:`compose_radiograph`.
+        exposure_variety: share of washed-out composites (see :func:`compose_radiograph`).
 
     Returns:
         The path of ``labels.csv``.
@@ -447,7 +456,9 @@ def compose_dataset(
                 pixels, side = pixels[:, ::-1].copy(), "L" if side == "R" else "R"
             knees.append((pixels, side, crop.kl_grade, crop.path))
         size = int(rng.integers(long_side[0], long_side[1] + 1))
-        image, placed = compose_radiograph(rng, knees, size, scale_variety=scale_variety)
+        image, placed = compose_radiograph(
+            rng, knees, size, scale_variety=scale_variety, exposure_variety=exposure_variety
+        )
         name = f"composite_{index:05d}.jpg"
         ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(80, 97))])
         if not ok:

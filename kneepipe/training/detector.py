@@ -97,6 +97,7 @@ def build_dataset(config: DetectConfig, dataset_dir: Path) -> Path:
             seed=seed,
             bilateral_fraction=config.bilateral_fraction,
             scale_variety=config.scale_variety,
+            exposure_variety=config.exposure_variety,
             images_subdir=f"images/{split}",
             labels_subdir=f"labels/{split}",
         )
