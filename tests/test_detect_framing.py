@@ -130,3 +130,15 @@ def test_scale_variety_frames_knees_small_and_filling_the_film_and_leaves_other_
     usual_widths, varied_widths = widths(usual), widths(varied)
     assert min(usual_widths) > 0.2 and max(usual_widths) < 0.8
     assert sum(w < 0.2 for w in varied_widths) >= 5 and sum(w > 0.77 for w in varied_widths) >= 2
+
+
+def test_exposure_variety_washes_films_out(oai_dir: Path, tmp_path):
+    """Washed-out composites: the soft tissue and background are lifted towards the bone's grey."""
+    usual, washed = tmp_path / "usual", tmp_path / "washed"
+    compose_dataset(oai_dir / "val", usual, count=12, seed=2)
+    compose_dataset(oai_dir / "val", washed, count=12, seed=2, exposure_variety=1.0)
+
+    def median_grey(folder: Path) -> float:
+        return float(np.median([np.median(cv2.imread(str(f), cv2.IMREAD_GRAYSCALE)) for f in folder.glob("images/*")]))
+
+    assert median_grey(washed) > median_grey(usual) + 30
