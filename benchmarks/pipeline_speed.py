@@ -5,8 +5,9 @@ the project's compositor, JPEG, 1200-3500 px long side, bilateral and single) wi
 shipped models:
 
 * pipeline: :func:`kneepipe.pipeline.run.run_pipeline`, the library call behind
-  ``kneepipe run`` (decode thread with bounded prefetch, detector batches, grader batches
-  in threads beside the detector, crops and journal written);
+  ``kneepipe run``, with its default runtimes (the compiled OpenVINO detector and INT8
+  grader), decode thread with bounded prefetch, detector batches, grader batches in
+  threads beside the detector, crops and journal written;
 * naive: what a user would otherwise write, in the float32 frameworks (the detector's
   PyTorch weights, the grader's Keras network): for each file in turn, decode, detect that
   one image, grade each of its crops with batch size 1 (nothing written).
@@ -16,9 +17,8 @@ peak resident memory (``ru_maxrss``) and the resident memory sampled at each qua
 the batch belong to that mode alone. The pipeline is also run on a quarter of the films:
 memory that stays flat as the batch grows four-fold shows that nothing is held per image.
 
-The grader runs in float32 (the default), and with ``--precision both`` also in bfloat16
-(``grade.precision=bfloat16``, faster on CPUs with native bf16): each precision's
-pipeline is compared with the naive loop in the same precision.
+``--precision bfloat16`` (or ``both``) sets ``grade.precision`` in both modes: the naive
+loop's Keras grader then runs in mixed bfloat16.
 
 Run from the project root::
 
@@ -27,7 +27,7 @@ Run from the project root::
 Options: ``--precision float32|bfloat16|both``, ``--grade-workers N`` (grading threads of
 the pipeline; default from ``configs/pipeline.yaml``), ``--detector``/``--grader`` (other
 weights), ``--seed``.
-Targets on a 2-core CPU: >= 4 radiographs/s end to end, >= 3x the naive loop.
+Targets on a 2-core CPU: >= 16 radiographs/s end to end, >= 3x the naive loop.
 """
 
 from __future__ import annotations
