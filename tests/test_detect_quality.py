@@ -167,6 +167,15 @@ def test_metal_is_found_in_drawn_implants_and_not_in_real_knees(oai_dir, annotat
     assert flagged([draw_knee_implant(crop, rng) for crop in real]) == len(real)
     assert flagged([draw_knee_implant(crop, rng) for crop in oai]) >= 0.9 * len(oai)
 
+    def banded(crop: np.ndarray, edge: int) -> np.ndarray:  # white film padding or a collimator band at one edge
+        crop = np.rot90(crop.copy(), edge)
+        crop[:24] = 255
+        return np.rot90(crop, -edge)
+
+    assert flagged([banded(crop, index % 4) for index, crop in enumerate(real + oai)]) == 0
+    implanted = [draw_knee_implant(crop, rng) for crop in real]
+    assert flagged([banded(crop, index % 4) for index, crop in enumerate(implanted)]) == len(real)
+
 
 def test_a_knee_prosthesis_is_not_graded_and_the_other_knee_is(annotations, radiographs_dir, tmp_path):
     name = "stage_1_3.jpg"

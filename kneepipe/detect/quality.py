@@ -134,7 +134,9 @@ def cut_fraction(box: Sequence[float], image_size: tuple[int, int]) -> float:
     return max(outside_x / max(x2 - x1, 1e-6), outside_y / max(y2 - y1, 1e-6))
 
 
-def metal_fraction(crop: np.ndarray, metal_level: int, contrast: float, min_width: int = 7) -> float:
+def metal_fraction(
+    crop: np.ndarray, metal_level: int, contrast: float, min_width: int = 7, edge_share: float = 0.3
+) -> float:
     """Share of a joint crop covered by its largest metal-like region: smooth, near-white, far brighter than around it.
 
     Metal stops nearly all X-rays: an implant is a large uniform region at the top of the
@@ -144,8 +146,11 @@ def metal_fraction(crop: np.ndarray, metal_level: int, contrast: float, min_widt
     the median grey of a 9-pixel ring around it lies at least ``contrast`` below
     ``metal_level``: bone that merely saturates on a bright film fades into bright
     surroundings instead. A region covering half the crop or more is not counted: an
-    implant never fills the joint crop, a knee washed out white does. Returns the largest
-    counting region's area over the crop's.
+    implant never fills the joint crop, a knee washed out white does. Nor is a region
+    that runs along the crop's edge for more than ``edge_share`` of one side: white film
+    padding, a collimator band or a shaft washed out white entering from beyond the crop;
+    an implant sits around the joint, and only a stem reaches the edge, narrowly.
+    Returns the largest counting region's area over the crop's.
 
     >>> crop = np.full((224, 224), 120, np.uint8)
     >>> crop[100:140, 40:180] = 255
@@ -153,6 +158,9 @@ def metal_fraction(crop: np.ndarray, metal_level: int, contrast: float, min_widt
     0.111
     >>> metal_fraction(np.full((224, 224), 250, np.uint8), 245, 25)
     0.0
+    >>> crop[:30, :] = 255  # a white band along the top edge is no implant
+    >>> round(metal_fraction(crop, 245, 25), 3)
+    0.111
     """
     bright = (crop >= metal_level).astype(np.uint8)
     if not bright.any():
@@ -166,7 +174,11 @@ def metal_fraction(crop: np.ndarray, metal_level: int, contrast: float, min_widt
         area = int(stats[label, cv2.CC_STAT_AREA])
         if area <= largest or area >= crop.size // 2:
             continue
-        ring = cv2.dilate((labels == label).astype(np.uint8), ring_kernel).astype(bool) & ~near_bright
+        region = labels == label
+        edges = (region[0], region[-1], region[:, 0], region[:, -1])
+        if max(float(edge.mean()) for edge in edges) > edge_share:
+            continue
+        ring = cv2.dilate(region.astype(np.uint8), ring_kernel).astype(bool) & ~near_bright
         if ring.any() and np.median(crop[ring]) <= metal_level - contrast:
             largest = area
     return largest / crop.size
