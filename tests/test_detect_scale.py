@@ -103,6 +103,16 @@ def test_a_film_stored_on_its_side_is_found_turned_and_flagged(detector, referen
             assert "film stored on its side" in joint.review_reason
 
 
+def test_an_upright_film_misread_as_sideways_is_detected_as_stored(detector, reference):
+    """A collimator band across a short, wide film can outweigh its legs' edges: the knees as stored win."""
+    films = detect_scales.load_films()
+    upright = _film(films["stage_2_7.jpg"], "upright.png")
+    detection = detector.detect_sideways(upright)
+    assert detection.status == "ok" and "film stored on its side" not in detection.message
+    assert min(_found(detection, [box for _, box in reference["stage_2_7.jpg"]])) >= 0.5
+    assert sorted(joint.side for joint in detection.joints) == ["L", "R"]
+
+
 def test_a_sideways_film_without_a_knee_is_refused_as_rotated(detector, radiographs_dir):
     foot = read_radiograph(radiographs_dir / "stage_1_5.jpg").pixels
     detection = detector.detect([_film(np.rot90(foot), "foot-sideways.png")])[0]
