@@ -468,18 +468,19 @@ class JointDetector:
         It is detected as stored and turned upright both ways (one model call). The edges
         can mislead: a collimator band across a short, wide bilateral film outweighs its
         legs. So a film whose joints as stored are at least as confident as those of
-        either turn is detected as stored. Otherwise the turn whose joints have the higher
-        summed confidence wins, its crops are cut upright and its boxes mapped back onto
-        the film as stored. One of the two turns shows the film upside down, on which the
-        model sees knee-like shapes more readily (0.06 and 0.13 on two foot films), so the
-        winner counts only when its best joint reaches ``config.search_conf``. Otherwise
-        the film is refused as ``rotated``.
+        either turn, its best from ``config.search_conf`` up, is detected as stored.
+        Otherwise the turn whose joints have the higher summed confidence wins, its crops
+        are cut upright and its boxes mapped back onto the film as stored. One of the two
+        turns shows the film upside down, on which the model sees knee-like shapes more
+        readily (0.06 and 0.13 on two foot films), so the winner counts only when its best
+        joint reaches ``config.search_conf``. Otherwise the film is refused as ``rotated``.
         """
         views = [turned_view(radiograph.pixels, k) for k in (1, -1)]
         stored, *turned = self.predict_boxes([radiograph.pixels, *(view.pixels for view in views)])
         kept = self.config.max_det
         boxes, view = max(zip(turned, views, strict=True), key=lambda pair: float(pair[0][:kept, 4].sum()))
-        if len(stored) and float(stored[:kept, 4].sum()) >= float(boxes[:kept, 4].sum()):
+        as_stored = _best_confidence(stored) >= self.config.search_conf
+        if as_stored and float(stored[:kept, 4].sum()) >= float(boxes[:kept, 4].sum()):
             return self.to_detection(radiograph, stored)
         if _best_confidence(boxes) < self.config.search_conf:  # one of the two turns stands the film on its head
             reason = (
