@@ -204,7 +204,7 @@ def test_a_list_names_each_film_once_and_refuses_what_it_cannot_read(tmp_path):
 
 @pytest.mark.slow
 def test_a_killed_actor_is_replaced_and_its_step_graded_once(tmp_path, cluster, raw, configs, models, local_run):
-    """A local run stopped after one step, resumed on Ray while the actor's process is killed mid-run."""
+    """A local run stopped after one step, resumed on Ray while the actor's process is killed mid-step."""
     detector, grader = models
     out = tmp_path / "out"
 
@@ -217,7 +217,8 @@ def test_a_killed_actor_is_replaced_and_its_step_graded_once(tmp_path, cluster, 
     done_locally = len(journaled_names(out))
 
     kills: list[int] = []
-    killer = threading.Thread(target=_kill_an_actor_after_a_step, args=(out, done_locally, kills), daemon=True)
+    written = {path for path in out.rglob("*") if path.is_file()}
+    killer = threading.Thread(target=_kill_an_actor_mid_step, args=(out, written, kills), daemon=True)
     killer.start()
     run = run_pipeline_ray(raw, out, *configs, detector=detector, grader=grader, steps_per_task=1)
     killer.join(timeout=5)
@@ -228,12 +229,17 @@ def test_a_killed_actor_is_replaced_and_its_step_graded_once(tmp_path, cluster, 
     assert (out / "results.csv").read_text() == (local_run / "results.csv").read_text()
 
 
-def _kill_an_actor_after_a_step(out: Path, done_before: int, kills: list[int]) -> None:
-    """Once a step graded on Ray is journaled, SIGKILL the model-holding actor's process."""
+def _kill_an_actor_mid_step(out: Path, written: set[Path], kills: list[int]) -> None:
+    """SIGKILL the model-holding actor's process once it is saving a step's crops; note how many films were journaled.
+
+    The signal is the actor's own output (a file the run folder did not hold before), not
+    the journal: on a fast machine the driver may receive every remaining step at once.
+    """
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        journaled = len(journaled_names(out))
-        if journaled > done_before:
+        crops = out / "crops"
+        if crops.is_dir() and any(path not in written for path in crops.rglob("*")):
+            journaled = len(journaled_names(out))
             for process in psutil.Process().children(recursive=True):
                 try:
                     if "FilmGrader" in " ".join(process.cmdline()):
@@ -242,4 +248,4 @@ def _kill_an_actor_after_a_step(out: Path, done_before: int, kills: list[int]) -
                         return
                 except psutil.Error:
                     continue
-        time.sleep(0.05)
+        time.sleep(0.01)
