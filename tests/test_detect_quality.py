@@ -29,9 +29,11 @@ from kneepipe.detect.framing import crop_joint
 from kneepipe.detect.predict import DEFAULT_WEIGHTS, JointDetector, load_view_classifier
 from kneepipe.detect.quality import (
     DEFAULT_VIEW_MODEL,
+    LETTERBOX_GREY,
     ViewClassifier,
     cut_fraction,
     exposure_problem,
+    letterbox,
     metal_fraction,
 )
 from kneepipe.imaging import read_radiograph
@@ -195,6 +197,18 @@ def test_a_knee_prosthesis_is_not_graded_and_the_other_knee_is(annotations, radi
     assert summary["knees_graded"] == 1 and summary["knees_refused"] == {"knee_prosthesis": 1}
 
 
+def test_the_view_letterbox_averages_a_real_film_like_one_area_resize(radiographs_dir):
+    """Two-step area shrinking (a whole factor, then the rest) gives the one-step pixels within rounding."""
+    film = read_radiograph(radiographs_dir / "stage_1_0.jpg").pixels  # 3356 x 4096: a factor of 21, then 1.02
+    fast = letterbox(film, 192)
+    height, width = film.shape
+    exact = cv2.resize(film, (192, round(height * 192 / width)), interpolation=cv2.INTER_AREA)
+    top = (192 - exact.shape[0]) // 2
+    inner = np.abs(fast[top : top + exact.shape[0]].astype(int) - exact)[2:-2, 2:-2]
+    assert inner.mean() < 1.0 and np.percentile(inner, 99) <= 7  # a bilinear shrink: 1.58 and 8
+    assert (fast[:top] == LETTERBOX_GREY).all() and (fast[top + exact.shape[0] :] == LETTERBOX_GREY).all()
+
+
 def test_the_shipped_view_classifier_reads_the_shipped_detector(detector):
     assert detector.view_classifier is not None
     probabilities = detector.view_classifier.probabilities([np.full((300, 200), 90, np.uint8)])
@@ -223,13 +237,17 @@ def test_train_view_writes_a_classifier_the_detector_loads(tmp_path, radiographs
     table = tmp_path / "annotations.csv"
     with ANNOTATIONS.open() as source, table.open("w") as target:
         target.writelines(line for line in source if line.startswith(("#", "image,")) or line.split(",")[0] in chosen)
-    out = tmp_path / "view.npz"
-    result = CliRunner().invoke(
-        app,
-        ["train", "view", "--radiographs", str(radiographs), "--annotations", str(table), "--copies", "2"]
-        + ["--out", str(out)],
-    )
-    assert result.exit_code == EXIT_OK, result.output
+    out, again = tmp_path / "view.npz", tmp_path / "again" / "view.npz"
+    for target in (out, again):
+        result = CliRunner().invoke(
+            app,
+            ["train", "view", "--radiographs", str(radiographs), "--annotations", str(table), "--copies", "2"]
+            + ["--out", str(target), *(["--no-measure"] if target == again else [])],
+        )
+        assert result.exit_code == EXIT_OK, result.output
+    with np.load(out) as first, np.load(again) as second:  # the recipe's seed fixes the augmented copies too
+        for key in ("mean", "scale", "coef", "intercept"):
+            np.testing.assert_array_equal(first[key], second[key])
     report = (tmp_path / "view.json").read_text()
     assert '"leave_one_film_out"' in report and '"arthritis_3.jpg"' in report
     classifier = ViewClassifier.load(out, DEFAULT_WEIGHTS)

@@ -278,7 +278,7 @@ def train_view(
         Path | None, typer.Option("--out", "-o", help="Default: the shipped kneepipe/weights/view.npz.")
     ] = None,
     model: Annotated[Path | None, typer.Option("--model", help="Detector weights; default: the shipped one.")] = None,
-    copies: Annotated[int, typer.Option(help="Augmented copies per real film.", min=1)] = 30,
+    copies: Annotated[int, typer.Option(help="Augmented copies per real film.", min=1)] = 60,
     seed: Annotated[int, typer.Option(help="Seed of the augmentation and the composites.")] = 0,
     measure: Annotated[
         bool, typer.Option("--measure/--no-measure", help="Measure leave-one-film-out before fitting on all.")

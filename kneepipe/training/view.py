@@ -36,7 +36,7 @@ WORKING_SIDE = 384  # films are shrunk to this longer side before augmenting (fe
 class ViewRecipe:
     """How the view classifier is fitted (stored in its file and in the report)."""
 
-    copies: int = 30  # augmented copies per real film, and as many knee crops per AP film
+    copies: int = 60  # augmented copies per real film, and as many knee crops per AP film
     composites: int = 120  # AP composites from the OAI crops
     oai_crops: int = 60  # augmented OAI crops (a knee filling the frame)
     size: int = 192  # letterbox side of the features
@@ -55,7 +55,8 @@ class ViewExample:
     pixels: np.ndarray
 
 
-def _augmenter() -> Any:
+def _augmenter(seed: int) -> Any:
+    """The copies' augmentation, seeded: the same recipe fits the same classifier."""
     import albumentations as A
 
     return A.Compose(
@@ -72,7 +73,8 @@ def _augmenter() -> Any:
             A.RandomGamma(gamma_limit=(60, 160), p=0.6),
             A.GaussNoise(std_range=(0.01, 0.06), p=0.5),
             A.GaussianBlur(blur_limit=(3, 5), p=0.3),
-        ]
+        ],
+        seed=seed,
     )
 
 
@@ -184,7 +186,7 @@ def view_examples(radiographs: Path, annotations: Path, crops: Path | None, reci
     from kneepipe.imaging import read_radiograph
 
     rng = np.random.default_rng(recipe.seed)
-    augment = _augmenter()
+    augment = _augmenter(recipe.seed)
     examples: list[ViewExample] = []
     for name, entry in sorted(read_annotations(annotations).items()):
         view = KIND_TO_VIEW.get(entry["kind"])
