@@ -77,7 +77,10 @@ def main() -> None:
             batch = crops.crops[index]
             logits, shift = grade_crops(grader, batch, trained)
             plain = grader.probabilities(logits)
-            score = f"{shift['shift_score']:.2f}" + (" (warns)" if shift["shift_warning"] else "")
+            if shift["shift_score"] is None:  # a grader without training statistics (kneepipe train reference)
+                score = "none"
+            else:
+                score = f"{shift['shift_score']:.2f}" + (" (warns)" if shift["shift_warning"] else "")
             _row(f"{label}, train statistics", truth[index], grader.decide(plain), score)
             logits, shift = grade_crops(grader, batch, default)
             probabilities = grader.probabilities(logits)
