@@ -85,7 +85,9 @@ def main() -> None:
             logits, shift = grade_crops(grader, batch, default)
             probabilities = grader.probabilities(logits)
             _row(f"{label}, default", truth[index], grader.decide(probabilities), score, shift["batch_norm"])
-            adapted, facts = adjust_for_prior(probabilities, train_prior, prior_config, grader.preprocessing.decision)
+            adapted, facts = adjust_for_prior(
+                probabilities, train_prior, prior_config, grader.preprocessing.decision, shift
+            )
             test = facts["prior_test"]
             note = "applied" if test["applied"] else test.get("declined", f"not significant (p = {test['p_value']})")
             _row(f"{label}, default --adapt-prior", truth[index], grader.decide(adapted), score, note.split(":")[0])

@@ -195,6 +195,23 @@ def test_adjust_for_prior_applies_the_em_prior_only_for_a_significant_shift():
     assert "prior_test" not in facts and not np.array_equal(given, unshifted)
 
 
+def test_adapt_prior_declines_a_batch_whose_shift_score_warns():
+    """A significant EM estimate is applied on a quiet batch and declined, with the reason, when its images shifted."""
+    train_prior = TRAIN_COUNTS / TRAIN_COUNTS.sum()
+    grades, probabilities = _gaussian_grader(train_prior, 20000, seed=4)
+    clinic = probabilities[resample_to_counts(grades, CLINIC_COUNTS, seed=0)]
+    quiet = {"shift_score": 0.2, "shift_warn_above": 0.5, "shift_warning": False}
+    adjusted, facts = adjust_for_prior(clinic, train_prior, _prior_config(), shift=quiet)
+    assert facts["prior_test"]["applied"] is True and not np.array_equal(adjusted, clinic)
+    warns = {"shift_score": 1.9, "shift_warn_above": 0.5, "shift_warning": True}
+    kept, facts = adjust_for_prior(clinic, train_prior, _prior_config(), shift=warns)
+    np.testing.assert_array_equal(kept, clinic)
+    assert facts["prior_test"]["applied"] is False and facts["prior_test"]["p_value"] < 0.01
+    declined = facts["prior_test"]["declined"]
+    assert "shift score 1.90 is above 0.5" in declined and "kneepipe adapt" in declined
+    assert "not a pure label shift" in prior_summary(facts)
+
+
 def test_adapt_prior_declines_a_runaway_estimate_with_a_reason():
     # A batch whose images changed, not its grade mix: every knee leans towards KL3-KL4,
     # so EM would put almost the whole prior on KL4 (the failure on another clinic's knees).

@@ -51,12 +51,16 @@ def adjust_for_prior(
     train_prior: np.ndarray,
     config: GradeConfig,
     decision: str = "argmax",
+    shift: dict[str, Any] | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Regrade with a known prior (``config.prior``) or one estimated by EM (``adapt_prior``).
 
     The EM estimate is applied only when the likelihood-ratio test rejects the training
     prior at ``config.adapt_prior_alpha``; otherwise the batch keeps its probabilities,
-    and the facts say so (``prior_test``). A known prior is always applied.
+    and the facts say so (``prior_test``). It is declined, with the reason, when the
+    batch's shift score warns (``shift``, :func:`batch_shift`: images unlike the training
+    data are not a pure label shift) or when :func:`label_shift_guard` refuses it. A known
+    prior is always applied.
     """
     facts: dict[str, Any] = {"train_prior": np.round(train_prior, 4).tolist()}
     if not (config.prior or config.adapt_prior) or not len(probabilities):
@@ -70,8 +74,9 @@ def adjust_for_prior(
     prior, adjusted = estimate_prior_em(probabilities, train_prior)
     statistic, p_value = prior_shift_test(probabilities, train_prior, prior)
     shifted = p_value < config.adapt_prior_alpha
-    declined = shifted and label_shift_guard(
-        probabilities, adjusted, train_prior, prior, config.adapt_prior_max_ratio, decision
+    declined = shifted and (
+        _shift_refusal(shift)
+        or label_shift_guard(probabilities, adjusted, train_prior, prior, config.adapt_prior_max_ratio, decision)
     )
     facts["estimated_prior"] = np.round(prior, 4).tolist()
     facts["prior_test"] = {
@@ -84,6 +89,18 @@ def adjust_for_prior(
     if declined:
         facts["prior_test"]["declined"] = declined
     return (adjusted if shifted and not declined else probabilities), facts
+
+
+def _shift_refusal(shift: dict[str, Any] | None) -> str | None:
+    """Why a batch whose shift score warns must not be regraded by an EM prior, else None."""
+    if not shift or not shift.get("shift_warning"):
+        return None
+    return (
+        f"the batch's shift score {shift['shift_score']:.2f} is above {shift['shift_warn_above']:g}: its images "
+        "differ from the training data, so the grade mix cannot be estimated as a pure label shift; grades kept "
+        "unadapted. fit a site grader on a labelled sample of this site's knees with `kneepipe adapt`, "
+        "or give its known grade mix with --prior"
+    )
 
 
 def label_shift_guard(
@@ -185,7 +202,7 @@ def grade_folder(
     raw = grader.probabilities(logits, calibrated=False)
     probabilities = grader.probabilities(logits, calibrated=config.calibrated)
     train_prior = np.asarray(grader.preprocessing.train_prior, dtype=float)
-    final, priors = adjust_for_prior(probabilities, train_prior, config, grader.preprocessing.decision)
+    final, priors = adjust_for_prior(probabilities, train_prior, config, grader.preprocessing.decision, shift)
     decided = grader.decide(final)
     for i, p, kl_grade in zip(graded_index, final, decided, strict=True):
         rows[i]["kl_grade"] = int(kl_grade)

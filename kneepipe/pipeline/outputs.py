@@ -129,7 +129,7 @@ def finish_run(
     else:
         probabilities = np.empty((0, len(KL_GRADES)))
     train_prior = np.asarray(grader.preprocessing.train_prior, dtype=float)
-    final, priors = adjust_for_prior(probabilities, train_prior, grade_cfg, grader.preprocessing.decision)
+    final, priors = adjust_for_prior(probabilities, train_prior, grade_cfg, grader.preprocessing.decision, shift)
     for (_, knee), p, kl_grade in zip(knees, final, grader.decide(final), strict=True):
         knee["probabilities"] = [float(v) for v in p]
         knee["kl_grade"] = int(kl_grade)
