@@ -91,6 +91,13 @@ def adjust_for_prior(
     return (adjusted if shifted and not declined else probabilities), facts
 
 
+_INSTEAD = (
+    "fit a site grader on a labelled sample of this site's knees with `kneepipe adapt`, "
+    "or give its known grade mix with --prior"
+)
+"""What to do when an EM prior is declined (the end of every reason)."""
+
+
 def _shift_refusal(shift: dict[str, Any] | None) -> str | None:
     """Why a batch whose shift score warns must not be regraded by an EM prior, else None."""
     if not shift or not shift.get("shift_warning"):
@@ -98,8 +105,7 @@ def _shift_refusal(shift: dict[str, Any] | None) -> str | None:
     return (
         f"the batch's shift score {shift['shift_score']:.2f} is above {shift['shift_warn_above']:g}: its images "
         "differ from the training data, so the grade mix cannot be estimated as a pure label shift; grades kept "
-        "unadapted. fit a site grader on a labelled sample of this site's knees with `kneepipe adapt`, "
-        "or give its known grade mix with --prior"
+        f"unadapted. {_INSTEAD}"
     )
 
 
@@ -121,11 +127,7 @@ def label_shift_guard(
     gives to at least 5% of the batch vanishing from the adapted grades (both decided by ``decision``,
     the grader's rule).
     """
-    advice = (
-        "the images differ from the training data, not only the grade mix; grades kept unadapted. "
-        "fit a site grader on a labelled sample of this site's knees with `kneepipe adapt`, "
-        "or give its known grade mix with --prior"
-    )
+    advice = f"the images differ from the training data, not only the grade mix; grades kept unadapted. {_INSTEAD}"
     ratio = np.asarray(prior) / np.asarray(train_prior)
     worst = int(np.argmax(ratio))
     if ratio[worst] > max_ratio:
