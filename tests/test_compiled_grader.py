@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -131,3 +133,29 @@ def test_kneepipe_grade_records_the_runtime_that_graded(oai_dir, tmp_path):
     assert result.exit_code == 0, result.output
     recorded = yaml.safe_load((tmp_path / "out" / "args.yaml").read_text())
     assert recorded["runtime"] == "openvino" and recorded["grader_runtime"] == "openvino int8 (grader.int8.xml)"
+
+
+def test_a_compiled_grader_can_be_dropped_and_loaded_again(oai_dir):
+    """A process that lets a compiled grader go (a server swapping graders) keeps running.
+
+    Run in a child process: the failure this guards against aborted the whole process when
+    the dropped network was destroyed on one of OpenVINO's own threads.
+    """
+    script = f"""
+import gc
+from pathlib import Path
+import numpy as np
+from kneepipe.grade.data import labelled_files, load_crops
+from kneepipe.grade.predict import Grader
+paths, grades = labelled_files(Path({str(oai_dir / "val")!r}))
+crops = load_crops(paths[::70], grades[::70]).crops
+grader = Grader.load(runtime="openvino")
+first = grader.predict_logits(crops)
+del grader
+gc.collect()
+again = Grader.load(runtime="openvino").predict_logits(crops)
+print("same", np.array_equal(first, again))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "same True" in done.stdout

@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -204,27 +205,44 @@ class CompiledFeatures:
             reasons.append(f"no compiled network beside {grader_path.name} (kneepipe export grader makes one)")
         return None, "; ".join(reasons)
 
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: Any = None
+        self._parts: dict[int, list[np.ndarray]] = {}
+
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
         """Run ``x`` in requests of :data:`COMPILED_BATCH` crops, as many at once as the network has streams.
 
         A request's outputs depend on its own crops only, so the result is the same for any
-        split of ``x`` (and bit for bit the same as one request at a time).
+        split of ``x`` (and bit for bit the same as one request at a time). Calls from several
+        threads take turns.
+        """
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        with self._lock:
+            if self._queue is None:
+                self._queue = self._requests()
+            self._parts.clear()
+            starts = range(0, len(x), COMPILED_BATCH)
+            for index, start in enumerate(starts):
+                self._queue.start_async(x[start : start + COMPILED_BATCH], index)
+            self._queue.wait_all()
+            parts = [self._parts.pop(i) for i in range(len(starts))]
+        return [np.concatenate(layer).astype(np.float32) for layer in zip(*parts, strict=True)]
+
+    def _requests(self) -> Any:
+        """The network's request queue, made once and kept as long as the network.
+
+        Its callback holds the outputs' dict only: were a request queue or its callback the
+        last holder of the compiled network, the network would be destroyed on one of
+        OpenVINO's own threads when the queue went, which aborts the process.
         """
         import openvino as ov
 
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        requests = ov.AsyncInferQueue(self.compiled, self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
-        parts: dict[int, list[np.ndarray]] = {}
+        queue = ov.AsyncInferQueue(self.compiled, self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        parts, outputs = self._parts, len(self.compiled.outputs)
 
         def keep(request: Any, index: int) -> None:
-            parts[index] = [request.get_output_tensor(i).data.copy() for i in range(len(self.compiled.outputs))]
+            parts[index] = [request.get_output_tensor(i).data.copy() for i in range(outputs)]
 
-        requests.set_callback(keep)
-        starts = range(0, len(x), COMPILED_BATCH)
-        for index, start in enumerate(starts):
-            requests.start_async(x[start : start + COMPILED_BATCH], index)
-        requests.wait_all()
-        return [
-            np.concatenate(layer).astype(np.float32)
-            for layer in zip(*(parts[i] for i in range(len(starts))), strict=True)
-        ]
+        queue.set_callback(keep)
+        return queue
