@@ -41,31 +41,40 @@ def test_shipped_grader_carries_its_preprocessing_and_calibration():
 
 
 def test_prior_guard_declines_on_another_clinic_and_adapts_on_a_label_shift(oai_dir, shared_data):
-    """Real crops: EM runs away on another clinic's knees (declined), but regrades a pure label shift of val."""
+    """Real crops, graded as ``kneepipe grade`` does: EM is declined on another clinic's knees (its
+    images differ), but regrades a pure label shift of val."""
     import numpy as np
 
     from kneepipe.config import load_config
     from kneepipe.grade.config import GradeConfig
-    from kneepipe.grade.folder import adjust_for_prior
+    from kneepipe.grade.folder import adjust_for_prior, grade_crops
     from kneepipe.grade.prior import resample_to_counts
 
-    grader = Grader.load(precision="bfloat16")
+    grader = Grader.load()  # Keras float32, as benchmarks/clinic_transfer.py measures
     config = load_config(GradeConfig, overrides={"adapt_prior": True})
     train_prior = np.asarray(grader.preprocessing.train_prior)
     decision = grader.preprocessing.decision
 
     clinic = load_crops(*labelled_files(shared_data / "clinic-kl" / "dev"))
-    plain = grader.predict_proba(clinic.crops)
-    kept, facts = adjust_for_prior(plain, train_prior, config, decision)
+    logits, shift = grade_crops(grader, clinic.crops, config)
+    plain = grader.probabilities(logits)
+    kept, facts = adjust_for_prior(plain, train_prior, config, decision, shift)
     assert facts["prior_test"]["p_value"] < config.adapt_prior_alpha  # EM alone would have regraded
-    assert facts["prior_test"]["applied"] is False and "not only the grade mix" in facts["prior_test"]["declined"]
+    assert facts["prior_test"]["applied"] is False and "shift score" in facts["prior_test"]["declined"]
+    assert "kneepipe adapt" in facts["prior_test"]["declined"]
     np.testing.assert_array_equal(kept, plain)
 
     val = load_crops(*labelled_files(oai_dir / "val"))
-    shifted = resample_to_counts(val.kl_grades, np.array([63, 199, 139, 84, 46]), seed=2)
-    plain = grader.predict_proba(val.crops[shifted])
-    adapted, facts = adjust_for_prior(plain, train_prior, config, decision)
+    shifted = resample_to_counts(val.kl_grades, np.array([63, 199, 139, 84, 46]), seed=SHIFT_SEED)
+    logits, shift = grade_crops(grader, val.crops[shifted], config)
+    assert not shift["shift_warning"]
+    plain = grader.probabilities(logits)
+    adapted, facts = adjust_for_prior(plain, train_prior, config, decision, shift)
     truth = val.kl_grades[shifted]
     assert facts["prior_test"]["applied"] is True
     gain = (grader.decide(adapted) == truth).mean() - (grader.decide(plain) == truth).mean()
     assert gain > 0.03, gain
+
+
+# A resample of val on which the shipped grader's EM prior passes the guard (benchmarks/clinic_transfer.py).
+SHIFT_SEED = 2
