@@ -12,7 +12,7 @@ resampled to the grade counts 63/199/139/84/46 (a pure label shift; three seeds)
   of ``--folds``-fold cross-validation (minutes per batch).
 
     python benchmarks/clinic_transfer.py [--model FILE] [--adapt] [--folds 5]
-        [--sets clinic,val,resample] [--seeds 0,1,2]
+        [--sets clinic,val,resample] [--seeds 0,1,2] [--mirror-average never|auto|always]
 
 The resampled batches list some val knees more than once; ``kneepipe adapt`` keeps the copies
 of a knee in one fold.
@@ -53,13 +53,17 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--sets", default="clinic,val,resample", help="which batches: clinic, val, resample")
     parser.add_argument("--seeds", default="0,1,2", help="seeds of the resampled val batches")
+    parser.add_argument(
+        "--mirror-average", choices=["never", "auto", "always"], default=None, help="default: configs/grade.yaml"
+    )
     args = parser.parse_args()
     sets = set(args.sets.split(","))
     seeds = [int(s) for s in args.seeds.split(",")]
     grader = Grader.load(args.model)
-    trained = load_config(GradeConfig, overrides={"batch_norm": "train"})
-    default = load_config(GradeConfig)
-    prior_config = load_config(GradeConfig, overrides={"adapt_prior": True})
+    mirror = {"mirror_average": args.mirror_average} if args.mirror_average else {}
+    trained = load_config(GradeConfig, overrides={"batch_norm": "train", **mirror})
+    default = load_config(GradeConfig, overrides=mirror)
+    prior_config = load_config(GradeConfig, overrides={"adapt_prior": True, **mirror})
     train_prior = np.asarray(grader.preprocessing.train_prior)
     print(f"grader {grader.version}\n")
     print("| batch | accuracy | QWK | MAE | predicted KL0-4 | shift score | note |")

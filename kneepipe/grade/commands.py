@@ -61,7 +61,7 @@ def grade(
 
     try:
         with native_logs_hidden():
-            grader = Grader.load(cfg.model, precision=cfg.precision, runtime=cfg.runtime)
+            grader = Grader.from_config(cfg)
     except (OSError, ValueError) as err:
         fail(f"cannot load the grader: {err}")
     with Progress("grading", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:

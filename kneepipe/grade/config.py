@@ -27,6 +27,7 @@ class GradeConfig:
     shift_warn: float = field(metadata=rule(range=(0, 100)))
     batch_norm: str = field(metadata=rule(choices=["train", "batch", "auto"]))
     batch_norm_min_crops: int = field(metadata=rule(range=(8, 100000)))
+    mirror_average: str = field(metadata=rule(choices=["never", "always", "auto"]))
 
     # Training.
     data: str | None

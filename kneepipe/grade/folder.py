@@ -183,7 +183,7 @@ def grade_folder(
 
     crops_root, out_dir = Path(crops_root), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    grader = grader or Grader.load(config.model, precision=config.precision, runtime=config.runtime)
+    grader = grader or Grader.from_config(config)
     save_config(
         config, out_dir, extra={"input": str(crops_root), "grader": grader.version, "grader_runtime": grader.runtime}
     )
@@ -196,9 +196,9 @@ def grade_folder(
     if use_batch_statistics(shift, len(graded_index), config):
         # The images are unlike the training data: grade again with normalisation statistics
         # re-estimated on this batch (AdaBN); the grader keeps its own statistics afterwards.
-        with statistics_of(grader, sample, seed=config.seed):
+        with statistics_of(grader, sample, seed=config.seed), grader.mirror_averaged(config.mirror_average != "never"):
             rows, graded_index, logits, _, _ = _grade_files(files, root, grader, config, progress)
-        shift["batch_norm"] = f"re-estimated on {len(sample)} crops of this batch"
+        shift["batch_norm"] = f"re-estimated on {len(sample)} crops of this batch{_mirrored(config)}"
     else:
         shift["batch_norm"] = "as trained"
     raw = grader.probabilities(logits, calibrated=False)
@@ -249,11 +249,20 @@ def grade_crops(grader, crops, config: GradeConfig) -> tuple[np.ndarray, dict[st
 
 def grade_with_batch_statistics(grader, crops, config: GradeConfig) -> tuple[np.ndarray, str]:
     """Logits of ``crops`` under batch-norm statistics re-estimated on them (a random sample of a larger
-    batch), and how, for the outputs; the grader keeps its own statistics afterwards."""
+    batch), averaged with their mirror images' unless ``mirror_average: never``, and how, for the
+    outputs; the grader keeps its own statistics afterwards."""
     pick = np.random.default_rng(config.seed).permutation(len(crops))[:BATCH_NORM_SAMPLE]
-    with statistics_of(grader, [crops[i] for i in pick], seed=config.seed):
+    with (
+        statistics_of(grader, [crops[i] for i in pick], seed=config.seed),
+        grader.mirror_averaged(config.mirror_average != "never"),
+    ):
         logits = grader.predict_logits(crops, config.batch)
-    return logits, f"re-estimated on {len(pick)} crops of this batch"
+    return logits, f"re-estimated on {len(pick)} crops of this batch{_mirrored(config)}"
+
+
+def _mirrored(config: GradeConfig) -> str:
+    """How the batch-norm note ends: whether each crop's logits were averaged with its mirror image's."""
+    return "" if config.mirror_average == "never" else ", each crop averaged with its mirror image"
 
 
 # Crops kept in memory for re-estimating batch-norm statistics (a random sample of a larger batch).

@@ -75,8 +75,12 @@ class LinearHead:
         return self._standardised(x) @ self.coef.T + self.intercept
 
     def site_logits(self, features: Sequence[np.ndarray], mirrored: Sequence[np.ndarray] | None) -> np.ndarray:
-        """Logits of crops, averaged with their mirrored crops' when the head says so and they are given."""
-        if self.mirror and mirrored is not None:
+        """Logits of crops, averaged with their mirrored crops' when these are given.
+
+        The caller passes mirrored features when the head says so (:attr:`mirror`) or when the
+        grading asks for mirror averaging (``mirror_average`` in ``configs/grade.yaml``).
+        """
+        if mirrored is not None:
             return (self.logits(features) + self.logits(mirrored)) / 2
         return self.logits(features)
 

@@ -61,6 +61,7 @@ class Grader:
         self.compiled = compiled
         self.runtime_note = runtime_note
         self._keras_only = False
+        self._mirror_average = False
 
     @classmethod
     def load(cls, path: str | Path | None = None, precision: str = "float32", runtime: str = "keras") -> Grader:
@@ -86,6 +87,13 @@ class Grader:
                 log.warning("runtime %s: %s", runtime, note)
         return cls(model, preprocessing, path, precision, head=head, compiled=compiled, runtime_note=note)
 
+    @classmethod
+    def from_config(cls, config, path: str | Path | None = None) -> Grader:
+        """:meth:`load` as a grade config says: its model (or ``path``), precision, runtime and mirror averaging."""
+        grader = cls.load(path or config.model, precision=config.precision, runtime=config.runtime)
+        grader._mirror_average = config.mirror_average == "always"
+        return grader
+
     @property
     def runtime(self) -> str:
         """What grades: ``openvino int8 (grader.int8.xml)``, or ``keras float32``/``keras bfloat16``."""
@@ -101,6 +109,21 @@ class Grader:
             yield
         finally:
             self._keras_only = previous
+
+    @contextlib.contextmanager
+    def mirror_averaged(self, enabled: bool = True) -> Iterator[None]:
+        """Within the block (when ``enabled``), a crop's logits are the mean of its own and its mirror image's.
+
+        Left and right knees are mirror images and the grader was trained with flips, so both
+        readings are valid; their mean is steadier on images unlike the training data, at twice
+        the network cost.
+        """
+        previous = self._mirror_average
+        self._mirror_average = previous or enabled
+        try:
+            yield
+        finally:
+            self._mirror_average = previous
 
     @property
     def is_site_grader(self) -> bool:
@@ -146,7 +169,8 @@ class Grader:
         for start in range(0, len(crops), batch_size):
             x = self.prepare(crops[start : start + batch_size])
             features = network(x)
-            mirrored = network(x[:, :, ::-1]) if self.head.mirror else None
+            mirror = self.head.mirror or self._mirror_average
+            mirrored = network(np.ascontiguousarray(x[:, :, ::-1])) if mirror else None
             logits.append(self.head.site_logits(features, mirrored))
             pooled.append(features[-1])
         return np.concatenate(logits).astype(np.float32), np.concatenate(pooled)

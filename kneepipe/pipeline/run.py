@@ -130,7 +130,7 @@ def load_models(
     if grader:
         from kneepipe.grade.predict import Grader
 
-        loaded_grader = Grader.load(grade_cfg.model, precision=grade_cfg.precision, runtime=grade_cfg.runtime)
+        loaded_grader = Grader.from_config(grade_cfg)
     if loaded_detector is not None and loaded_grader is not None:
         check_models(loaded_detector, loaded_grader)
     return loaded_detector, loaded_grader

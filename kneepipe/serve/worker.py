@@ -75,7 +75,7 @@ class Models:
         if key not in self._site:
             if len(self._site) >= MAX_SITE_GRADERS:
                 self._site.pop(next(iter(self._site)))
-            self._site[key] = Grader.load(path, precision=self.grade_cfg.precision, runtime=self.grade_cfg.runtime)
+            self._site[key] = Grader.from_config(self.grade_cfg, path)
         return self._site[key]
 
 
