@@ -27,6 +27,8 @@ from kneepipe.runtime import import_keras
 if TYPE_CHECKING:
     import keras
 
+    from kneepipe.grade.config import GradeConfig
+
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 DEFAULT_GRADER = WEIGHTS_DIR / "grader.npz"
 log = logging.getLogger(__name__)
@@ -88,7 +90,7 @@ class Grader:
         return cls(model, preprocessing, path, precision, head=head, compiled=compiled, runtime_note=note)
 
     @classmethod
-    def from_config(cls, config, path: str | Path | None = None) -> Grader:
+    def from_config(cls, config: GradeConfig, path: str | Path | None = None) -> Grader:
         """:meth:`load` as a grade config says: its model (or ``path``), precision, runtime and mirror averaging."""
         grader = cls.load(path or config.model, precision=config.precision, runtime=config.runtime)
         grader._mirror_average = config.mirror_average == "always"
@@ -115,8 +117,8 @@ class Grader:
         """Within the block (when ``enabled``), a crop's logits are the mean of its own and its mirror image's.
 
         Left and right knees are mirror images and the grader was trained with flips, so both
-        readings are valid; their mean is steadier on images unlike the training data, at twice
-        the network cost.
+        readings are valid. Their mean costs twice the network time; what it changes on another
+        clinic's knees is measured in the README (``mirror_average``).
         """
         previous = self._mirror_average
         self._mirror_average = previous or enabled
