@@ -7,7 +7,9 @@ gets ``status=error`` with the reason; the batch goes on.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -196,9 +198,9 @@ def grade_folder(
     if use_batch_statistics(shift, len(graded_index), config):
         # The images are unlike the training data: grade again with normalisation statistics
         # re-estimated on this batch (AdaBN); the grader keeps its own statistics afterwards.
-        with statistics_of(grader, sample, seed=config.seed), grader.mirror_averaged(config.mirror_average != "never"):
+        with _batch_statistics(grader, sample, config) as note:
             rows, graded_index, logits, _, _ = _grade_files(files, root, grader, config, progress)
-        shift["batch_norm"] = f"re-estimated on {len(sample)} crops of this batch{_mirrored(config)}"
+        shift["batch_norm"] = note
     else:
         shift["batch_norm"] = "as trained"
     raw = grader.probabilities(logits, calibrated=False)
@@ -252,17 +254,20 @@ def grade_with_batch_statistics(grader, crops, config: GradeConfig) -> tuple[np.
     batch), averaged with their mirror images' unless ``mirror_average: never``, and how, for the
     outputs; the grader keeps its own statistics afterwards."""
     pick = np.random.default_rng(config.seed).permutation(len(crops))[:BATCH_NORM_SAMPLE]
-    with (
-        statistics_of(grader, [crops[i] for i in pick], seed=config.seed),
-        grader.mirror_averaged(config.mirror_average != "never"),
-    ):
+    with _batch_statistics(grader, [crops[i] for i in pick], config) as note:
         logits = grader.predict_logits(crops, config.batch)
-    return logits, f"re-estimated on {len(pick)} crops of this batch{_mirrored(config)}"
+    return logits, note
 
 
-def _mirrored(config: GradeConfig) -> str:
-    """How the batch-norm note ends: whether each crop's logits were averaged with its mirror image's."""
-    return "" if config.mirror_average == "never" else ", each crop averaged with its mirror image"
+@contextlib.contextmanager
+def _batch_statistics(grader, sample: list[np.ndarray], config: GradeConfig) -> Iterator[str]:
+    """Within the block, ``grader`` grades with the batch-norm statistics of ``sample`` and, unless
+    ``mirror_average: never``, averages each crop with its mirror image; yields the note that says so."""
+    averaged = config.mirror_average != "never"
+    with statistics_of(grader, sample, seed=config.seed), grader.mirror_averaged(averaged):
+        yield f"re-estimated on {len(sample)} crops of this batch" + (
+            ", each crop averaged with its mirror image" if averaged else ""
+        )
 
 
 # Crops kept in memory for re-estimating batch-norm statistics (a random sample of a larger batch).
