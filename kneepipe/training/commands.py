@@ -278,7 +278,9 @@ def train_view(
         Path | None, typer.Option("--out", "-o", help="Default: the shipped kneepipe/weights/view.npz.")
     ] = None,
     model: Annotated[Path | None, typer.Option("--model", help="Detector weights; default: the shipped one.")] = None,
-    copies: Annotated[int, typer.Option(help="Augmented copies per real film.", min=1)] = 60,
+    copies: Annotated[
+        int | None, typer.Option(help="Augmented copies per real film; default: the recipe's (ViewRecipe).", min=1)
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the augmentation and the composites.")] = 0,
     measure: Annotated[
         bool, typer.Option("--measure/--no-measure", help="Measure leave-one-film-out before fitting on all.")
@@ -305,7 +307,7 @@ def train_view(
             crops,
             target,
             model or DEFAULT_WEIGHTS,
-            ViewRecipe(copies=copies, seed=seed),
+            ViewRecipe(seed=seed) if copies is None else ViewRecipe(copies=copies, seed=seed),
             measure=measure,
         )
     except (FileNotFoundError, ValueError) as err:
