@@ -119,14 +119,18 @@ def test_exposure_names_a_darkened_film_and_passes_the_usable_ones(radiographs_d
     assert row["status"] == "underexposed" and row["message"].startswith("under-exposed film"), row
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["film", "film-on-padding"])
 @pytest.mark.parametrize("name", ["bilateral_0.png", "stage_2_7.jpg"])
 def test_a_knee_cut_by_the_film_edge_is_partial_and_the_other_knee_is_graded(
-    name, annotations, radiographs_dir, tmp_path
+    name, padded, annotations, radiographs_dir, tmp_path
 ):
     pixels = cv2.imread(str(radiographs_dir / name), cv2.IMREAD_GRAYSCALE)
     right = min((box for _, box in annotations[name]["joints"]), key=lambda box: box[0])
     cut = int(right[0] + 0.3 * (right[2] - right[0]))  # 30% of the right knee's box cut away
-    cv2.imwrite(str(tmp_path / "cut.png"), pixels[:, cut:])
+    film = pixels[:, cut:]
+    if padded:  # exported on a larger black canvas: the knee is still cut by the film's own edge
+        film = np.pad(film, ((film.shape[0] // 4,) * 2, (film.shape[1] // 4,) * 2))
+    cv2.imwrite(str(tmp_path / "cut.png"), film)
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["detect", str(tmp_path / "cut.png"), "--out", str(out), "--no-progress"])
     assert result.exit_code == EXIT_OK, result.output

@@ -33,6 +33,7 @@ from kneepipe.detect.quality import (
     VIEW_LATERAL,
     ViewClassifier,
     border_grey,
+    content_box,
     cut_fraction,
     exposure_problem,
     metal_fraction,
@@ -93,6 +94,10 @@ among the shared radiographs, and single knees cut from them, read within 12.1 d
 SEARCH_TILT = 5.0
 """A searched film whose edges lean by at least this many degrees (less than ``STRAIGHTEN_TILT``) is also
 looked at straightened."""
+CONTENT_TRIM = 0.8
+"""A film whose content (inside uniform padding, :func:`~kneepipe.detect.quality.content_box`) spans less than
+this share of its width or height is detected on its content alone. The shared radiographs' content spans at
+least 97% of each."""
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,45 @@ def straightened_view(pixels: np.ndarray, tilt: float) -> FilmView:
     way = "counter-clockwise" if tilt > 0 else "clockwise"
     reason = f"film tilted: detected and cropped straightened by {abs(tilt):.0f} degrees {way}"
     return FilmView(turned, matrix, reason)
+
+
+def trimmed_content(pixels: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+    """A film's content without its uniform padding, and the content's top-left corner on the film.
+
+    A film pasted on a larger canvas (an export padded to a fixed size, a small film
+    scanned on a large plate) shows its knees smaller than the model learnt them and
+    beside a blank field; it is detected on its content alone when the content spans
+    less than ``CONTENT_TRIM`` of the film's width or height. Other films come back whole.
+
+    >>> film = np.full((400, 300), 90, np.uint8)
+    >>> film[100:200, 40:160] = np.arange(120, dtype=np.uint8)
+    >>> content, corner = trimmed_content(film)
+    >>> content.shape, corner
+    ((100, 120), (40, 100))
+    """
+    height, width = pixels.shape[:2]
+    x0, y0, x1, y1 = content_box(pixels)
+    if x1 - x0 >= CONTENT_TRIM * width and y1 - y0 >= CONTENT_TRIM * height:
+        return pixels, (0, 0)
+    return pixels[y0:y1, x0:x1], (x0, y0)
+
+
+def on_film(rows: np.ndarray, content_shape: tuple[int, ...], corner: tuple[int, int]) -> np.ndarray:
+    """Rows found on a film's trimmed content, squared there (:func:`square_box` undoes clipping at the
+    content's edge) and moved onto the whole film.
+
+    >>> on_film(np.array([[0.0, 10, 40, 70, 0.9, 1]]), (200, 100), (30, 5)).tolist()
+    [[10.0, 15.0, 70.0, 75.0, 0.9, 1.0]]
+    """
+    height, width = content_shape[:2]
+    squares = np.array([square_box(tuple(row[:4]), image_size=(width, height)) for row in rows]).reshape(-1, 4)
+    return np.hstack([squares + np.array([*corner, *corner]), rows[:, 4:]])
+
+
+def _shifted(view: FilmView, corner: tuple[int, int]) -> FilmView:
+    """A view made from a film's trimmed content, its matrix taking the whole film's pixels to it."""
+    shift = np.array([[1.0, 0, -corner[0]], [0, 1.0, -corner[1]], [0, 0, 1.0]])
+    return dataclasses.replace(view, matrix=view.matrix @ shift)
 
 
 def _map_back(rows: np.ndarray, matrix: np.ndarray) -> np.ndarray:
@@ -386,33 +430,56 @@ class JointDetector:
                 to_run.append(index)
         for start in range(0, len(to_run), self.config.batch):
             batch = to_run[start : start + self.config.batch]
-            orientations = {i: bone_orientation(radiographs[i].pixels) for i in batch}
+            contents = {i: trimmed_content(radiographs[i].pixels) for i in batch}
+            orientations = {i: bone_orientation(contents[i][0]) for i in batch}
             upright = [i for i in batch if not orientations[i].sideways]
             views = {
-                i: straightened_view(radiographs[i].pixels, orientations[i].tilt)
+                i: straightened_view(contents[i][0], orientations[i].tilt)
                 for i in upright
                 if abs(orientations[i].tilt) >= STRAIGHTEN_TILT
             }
-            films = [views[i].pixels if i in views else radiographs[i].pixels for i in upright]
+            films = [views[i].pixels if i in views else contents[i][0] for i in upright]
             results = self.predict_boxes(films)
+            leaning = {
+                i: orientations[i].tilt
+                for i, rows in zip(upright, results, strict=True)
+                if i not in views and abs(orientations[i].tilt) >= SEARCH_TILT and 0 < len(rows) < self.config.max_det
+            }
+            if leaning:
+                looked = self.look_straightened([contents[i][0] for i in leaning], list(leaning.values()))
+                for i, rows in zip(leaning, looked, strict=True):
+                    at = upright.index(i)
+                    results[at] = self.select_boxes(np.vstack([results[at], rows]))
             # The view is read from the film as stored: straightening a lateral knee's bent leg hides its view.
-            as_read = [radiographs[i].pixels for i in upright]
+            as_read = [contents[i][0] for i in upright]
             kinds = self.view_classifier.probabilities(as_read) if self.view_classifier else [None] * len(films)
             for index, film, boxes, kind in zip(upright, films, results, kinds, strict=True):
                 # A film with no joint is searched too when the view classifier reads an AP knee on it.
                 reads_ap = kind is not None and VIEW_CLASSES[int(np.argmax(kind))] == VIEW_AP
                 searched = len(boxes) or reads_ap or self.config.search_empty
                 if _best_confidence(boxes) < self.config.search_below and searched:
-                    tilt = 0.0 if index in views else orientations[index].tilt
+                    tilt = 0.0 if index in views or index in leaning else orientations[index].tilt
                     boxes = self.search_boxes(film, boxes, tilt)
-                detection = self.to_detection(radiographs[index], boxes, views.get(index))
-                detections[index] = self.check_quality(radiographs[index], detection, kind)
+                content, corner = contents[index]
+                film_view, bounds = views.get(index), None
+                if content is not radiographs[index].pixels:  # found on the trimmed content
+                    bounds = (*corner, corner[0] + content.shape[1], corner[1] + content.shape[0])
+                    if film_view is not None:
+                        film_view = _shifted(film_view, corner)
+                    else:
+                        boxes = on_film(boxes, content.shape, corner)
+                detection = self.to_detection(radiographs[index], boxes, film_view)
+                detections[index] = self.check_quality(radiographs[index], detection, kind, bounds)
             for index in (i for i in batch if orientations[i].sideways):
                 detections[index] = self.check_quality(radiographs[index], self.detect_sideways(radiographs[index]))
         return detections  # type: ignore[return-value]
 
     def check_quality(
-        self, radiograph: Radiograph, detection: Detection, view_probabilities: np.ndarray | None = None
+        self,
+        radiograph: Radiograph,
+        detection: Detection,
+        view_probabilities: np.ndarray | None = None,
+        content: tuple[int, int, int, int] | None = None,
     ) -> Detection:
         """The film's view and each knee's quality, applied to one film's detection.
 
@@ -423,7 +490,8 @@ class JointDetector:
         review as a borderline view. A film with no joint is ``no_knee``. Each joint
         found is then checked on its own, so one bad knee of a bilateral film leaves the other graded: a joint
         box lying beyond the film's edge by more than ``config.partial_fraction`` of its
-        side is ``partial``, and a crop with a smooth near-white region over
+        side is ``partial`` (the film's ``content`` bounds ``x0, y0, x1, y1`` in the pixels as read, when
+        it lies on uniform padding: :func:`trimmed_content`), and a crop with a smooth near-white region over
         ``config.prosthesis_fraction`` of it (:func:`~kneepipe.detect.quality.metal_fraction`)
         is ``knee_prosthesis``. A film whose knees are all refused takes the first one's status.
         """
@@ -438,10 +506,14 @@ class JointDetector:
             if detection.status == STATUS_NO_KNEE:
                 return dataclasses.replace(detection, message="no knee in image")
             return detection
-        size = radiograph.original_size
+        width, height = radiograph.original_size
+        x0, y0, x1, y1 = (0.0, 0.0, float(width), float(height))
+        if content is not None:
+            x0, y0, x1, y1 = (v / radiograph.scale for v in content)
         joints = []
         for joint in detection.joints:
-            cut = cut_fraction(joint.box, size)
+            box = joint.box
+            cut = cut_fraction((box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0), (x1 - x0, y1 - y0))
             metal = metal_fraction(joint.crop, self.config.metal_level, self.config.metal_contrast)
             if cut > self.config.partial_fraction:
                 reason = f"partial: the joint is cut by the film's edge ({cut:.0%} of its box lies outside the film)"
@@ -540,6 +612,20 @@ class JointDetector:
             boxes[:, [0, 2]] *= scale_x
             boxes[:, [1, 3]] *= scale_y
         return rows
+
+    def look_straightened(self, films: list[np.ndarray], tilts: list[float]) -> list[np.ndarray]:
+        """The joints found on each film straightened by its ``tilt``, mapped back onto the film.
+
+        The model learnt knees standing upright. A film leaning by ``SEARCH_TILT`` degrees or
+        more, too little to be straightened outright (``STRAIGHTEN_TILT``: upright films can
+        read that much), on which fewer than ``config.max_det`` joints were found, is looked
+        at straightened too (one model call for all of them), and :meth:`detect` pools the
+        two looks: the second knee of a tilted bilateral film sits lower than the first and
+        is missed upright more often than straightened.
+        """
+        views = [straightened_view(film, tilt) for film, tilt in zip(films, tilts, strict=True)]
+        found = self.predict_boxes([view.pixels for view in views])
+        return [_map_back(rows, view.matrix) for rows, view in zip(found, views, strict=True)]
 
     def search_boxes(self, pixels: np.ndarray, first: np.ndarray, tilt: float = 0.0) -> np.ndarray:
         """Look further for the knees of a film the first pass found no confident knee on.

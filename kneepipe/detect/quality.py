@@ -51,24 +51,44 @@ def border_grey(pixels: np.ndarray) -> int:
     return int(np.median(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])))
 
 
-def content_region(pixels: np.ndarray, step: int = 4) -> np.ndarray:
-    """A film's pixels inside its uniform outer rows and columns (scanner or export padding).
+def content_box(pixels: np.ndarray, step: int = 4) -> tuple[int, int, int, int]:
+    """The ``x0, y0, x1, y1`` bounds of a film's content inside its uniform outer rows and columns.
 
-    Outer rows and columns that are uniform on a grid of every ``step``-th pixel are left
-    out, so a uniform band along a border (white or black padding) does not count as
-    film content.
+    Outer rows and columns that are uniform on a grid of every ``step``-th pixel (scanner
+    or export padding, a film pasted on a larger canvas) lie outside it. A film that is
+    uniform throughout is all content.
+
+    >>> film = np.full((100, 120), 255, np.uint8)
+    >>> film[20:80, 32:88] = 100
+    >>> content_box(film)
+    (32, 20, 88, 80)
+    """
+    grid = pixels[::step, ::step]
+    rows = np.flatnonzero(np.ptp(grid, axis=1) > 2)
+    columns = np.flatnonzero(np.ptp(grid, axis=0) > 2)
+    height, width = pixels.shape[:2]
+    if not len(rows) or not len(columns):
+        return 0, 0, width, height
+    return (
+        int(columns[0] * step),
+        int(rows[0] * step),
+        min(width, int((columns[-1] + 1) * step)),
+        min(height, int((rows[-1] + 1) * step)),
+    )
+
+
+def content_region(pixels: np.ndarray, step: int = 4) -> np.ndarray:
+    """A film's pixels inside its uniform outer rows and columns (:func:`content_box`).
+
+    A uniform band along a border (white or black padding) does not count as film content.
 
     >>> film = np.full((100, 100), 255, np.uint8)
     >>> film[20:80, 20:80] = 100
     >>> content_region(film).shape
     (60, 60)
     """
-    grid = pixels[::step, ::step]
-    rows = np.flatnonzero(np.ptp(grid, axis=1) > 2)
-    columns = np.flatnonzero(np.ptp(grid, axis=0) > 2)
-    if len(rows) and len(columns):
-        return pixels[rows[0] * step : (rows[-1] + 1) * step, columns[0] * step : (columns[-1] + 1) * step]
-    return pixels
+    x0, y0, x1, y1 = content_box(pixels, step)
+    return pixels[y0:y1, x0:x1]
 
 
 def saturated_fraction(pixels: np.ndarray, step: int = 4) -> float:
@@ -157,7 +177,7 @@ def exposure_problem(
     return None
 
 
-def cut_fraction(box: Sequence[float], image_size: tuple[int, int]) -> float:
+def cut_fraction(box: Sequence[float], image_size: tuple[float, float]) -> float:
     """How much of a joint box lies beyond the film's edge: the larger share of its width or height.
 
     ``box`` is ``x1, y1, x2, y2`` in the film's pixels, ``image_size`` its ``(width, height)``.
