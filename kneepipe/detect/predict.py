@@ -142,13 +142,16 @@ def straightened_view(pixels: np.ndarray, tilt: float) -> FilmView:
     return FilmView(turned, matrix, reason)
 
 
-def trimmed_content(pixels: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+def trimmed_content(
+    pixels: np.ndarray, bounds: tuple[int, int, int, int] | None = None
+) -> tuple[np.ndarray, tuple[int, int]]:
     """A film's content without its uniform padding, and the content's top-left corner on the film.
 
     A film pasted on a larger canvas (an export padded to a fixed size, a small film
     scanned on a large plate) shows its knees smaller than the model learnt them and
     beside a blank field; it is detected on its content alone when the content spans
     less than ``CONTENT_TRIM`` of the film's width or height. Other films come back whole.
+    ``bounds``: the film's :func:`~kneepipe.detect.quality.content_box`, when already known.
 
     >>> film = np.full((400, 300), 90, np.uint8)
     >>> film[100:200, 40:160] = np.arange(120, dtype=np.uint8)
@@ -157,7 +160,7 @@ def trimmed_content(pixels: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
     ((100, 120), (40, 100))
     """
     height, width = pixels.shape[:2]
-    x0, y0, x1, y1 = content_box(pixels)
+    x0, y0, x1, y1 = bounds or content_box(pixels)
     if x1 - x0 >= CONTENT_TRIM * width and y1 - y0 >= CONTENT_TRIM * height:
         return pixels, (0, 0)
     return pixels[y0:y1, x0:x1], (x0, y0)
@@ -416,21 +419,22 @@ class JointDetector:
         [('R', (224, 224)), ('L', (224, 224))]
         """
         detections: list[Detection | None] = [None] * len(radiographs)
-        to_run = []
+        contents: dict[int, tuple[np.ndarray, tuple[int, int]]] = {}
         for index, radiograph in enumerate(radiographs):
             view = (radiograph.view or "").strip().upper()
+            bounds = content_box(radiograph.pixels)
             if view in LATERAL_VIEWS:
                 reason = f"{LATERAL_REASON} (DICOM view position {radiograph.view})"
                 detections[index] = Detection(radiograph.path, (), STATUS_LATERAL_VIEW, reason)
             elif problem := exposure_problem(
-                radiograph.pixels, self.config.overexposed_fraction, self.config.underexposed_level
+                radiograph.pixels, self.config.overexposed_fraction, self.config.underexposed_level, bounds
             ):
                 detections[index] = Detection(radiograph.path, (), *problem)
             else:
-                to_run.append(index)
+                contents[index] = trimmed_content(radiograph.pixels, bounds)
+        to_run = list(contents)
         for start in range(0, len(to_run), self.config.batch):
             batch = to_run[start : start + self.config.batch]
-            contents = {i: trimmed_content(radiographs[i].pixels) for i in batch}
             orientations = {i: bone_orientation(contents[i][0]) for i in batch}
             upright = [i for i in batch if not orientations[i].sideways]
             views = {
@@ -461,15 +465,15 @@ class JointDetector:
                     tilt = 0.0 if index in views or index in leaning else orientations[index].tilt
                     boxes = self.search_boxes(film, boxes, tilt)
                 content, corner = contents[index]
-                film_view, bounds = views.get(index), None
+                film_view, trim = views.get(index), None
                 if content is not radiographs[index].pixels:  # found on the trimmed content
-                    bounds = (*corner, corner[0] + content.shape[1], corner[1] + content.shape[0])
+                    trim = (*corner, corner[0] + content.shape[1], corner[1] + content.shape[0])
                     if film_view is not None:
                         film_view = _shifted(film_view, corner)
                     else:
                         boxes = on_film(boxes, content.shape, corner)
                 detection = self.to_detection(radiographs[index], boxes, film_view)
-                detections[index] = self.check_quality(radiographs[index], detection, kind, bounds)
+                detections[index] = self.check_quality(radiographs[index], detection, kind, trim)
             for index in (i for i in batch if orientations[i].sideways):
                 detections[index] = self.check_quality(radiographs[index], self.detect_sideways(radiographs[index]))
         return detections  # type: ignore[return-value]

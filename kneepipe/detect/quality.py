@@ -156,16 +156,22 @@ def counts_percentile(counts: np.ndarray, q: float) -> float:
 
 
 def exposure_problem(
-    pixels: np.ndarray, overexposed_fraction: float, underexposed_level: float
+    pixels: np.ndarray,
+    overexposed_fraction: float,
+    underexposed_level: float,
+    bounds: tuple[int, int, int, int] | None = None,
 ) -> tuple[str, str] | None:
     """``("overexposed" | "underexposed", reason)`` for a film too bright or too dark to grade, else None.
+
+    Measured over the film's content (``bounds``, its :func:`content_box` when already known).
 
     >>> exposure_problem(np.full((64, 64), 20, np.uint8), 0.3, 100)[0]
     'underexposed'
     """
     from kneepipe.joints import STATUS_OVEREXPOSED, STATUS_UNDEREXPOSED
 
-    counts = _grey_counts(content_region(pixels))
+    x0, y0, x1, y1 = bounds or content_box(pixels)
+    counts = _grey_counts(pixels[y0:y1, x0:x1])
     if (white := _saturated(counts)) > overexposed_fraction:
         return STATUS_OVEREXPOSED, f"over-exposed film: {white:.0%} of its pixels are saturated white; not gradable"
     if (level := _bright(counts)) < underexposed_level:
