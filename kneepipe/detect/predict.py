@@ -277,6 +277,12 @@ def _side_by_side(a: np.ndarray, b: np.ndarray) -> bool:
     return dx > dy
 
 
+def _room_beside(row: np.ndarray, width: int) -> bool:
+    """Whether a film ``width`` pixels wide has room for another knee beside this joint: a box's width
+    of film on one side of it at least (a single knee centred on its film has none)."""
+    return max(float(row[0]), width - float(row[2])) >= float(row[2] - row[0])
+
+
 def pair_partner(main: np.ndarray, candidates: np.ndarray) -> np.ndarray | None:
     """The most confident candidate that could be the other knee of ``main`` on a bilateral film.
 
@@ -446,8 +452,12 @@ class JointDetector:
             results = self.predict_boxes(films)
             leaning = {
                 i: orientations[i].tilt
-                for i, rows in zip(upright, results, strict=True)
-                if i not in views and abs(orientations[i].tilt) >= SEARCH_TILT and 0 < len(rows) < self.config.max_det
+                for i, film, rows in zip(upright, films, results, strict=True)
+                if i not in views
+                and abs(orientations[i].tilt) >= SEARCH_TILT
+                and len(rows) == 1
+                and self.config.max_det >= 2
+                and _room_beside(rows[0], film.shape[1])
             }
             if leaning:
                 looked = self.look_straightened([contents[i][0] for i in leaning], list(leaning.values()))
@@ -622,10 +632,10 @@ class JointDetector:
 
         The model learnt knees standing upright. A film leaning by ``SEARCH_TILT`` degrees or
         more, too little to be straightened outright (``STRAIGHTEN_TILT``: upright films can
-        read that much), on which fewer than ``config.max_det`` joints were found, is looked
-        at straightened too (one model call for all of them), and :meth:`detect` pools the
-        two looks: the second knee of a tilted bilateral film sits lower than the first and
-        is missed upright more often than straightened.
+        read that much), on which one joint was found with room for another beside it, is
+        looked at straightened too (one model call for all of them), and :meth:`detect` pools
+        the two looks: the second knee of a tilted bilateral film sits lower than the first
+        and is missed upright more often than straightened.
         """
         views = [straightened_view(film, tilt) for film, tilt in zip(films, tilts, strict=True)]
         found = self.predict_boxes([view.pixels for view in views])
