@@ -120,6 +120,21 @@ def test_a_small_knee_on_a_padded_film_is_found(detector, reference):
         assert min(_found(detection, boxes)) >= 0.5, name
 
 
+def test_a_knee_filling_the_frame_that_only_the_view_classifier_is_sure_of_is_kept_for_review(detector, reference):
+    # arthritis_2's right knee across 80% of the film: the model scores it 0.01 in every view, so no
+    # pass finds a joint, while the view classifier reads an AP knee (0.9). Its best box is kept,
+    # marked for review; with ap_sure at 1.0 the film is refused as having no knee.
+    films = detect_scales.load_films()
+    knees = [box for _, box in reference["arthritis_2.jpg"]]
+    film, boxes = detect_scales.cut_film(films["arthritis_2.jpg"], knees, knees[0], 0.8, np.random.default_rng(0))
+    off = dataclasses.replace(detector, config=dataclasses.replace(detector.config, ap_sure=1.0))
+    assert off.detect([_film(film, "filled.png")])[0].status == "no_knee"
+    detection = detector.detect([_film(film, "filled.png")])[0]
+    (joint,) = detection.joints
+    assert detection.status == "ok" and _found(detection, boxes)[0] >= 0.5
+    assert joint.confidence < 0.05 and joint.needs_review and "low detector confidence" in joint.review_reason
+
+
 def test_a_film_stored_on_its_side_is_found_turned_and_flagged(detector, reference):
     films = detect_scales.load_films()
     knees = [box for _, box in reference["stage_2_7.jpg"]]

@@ -24,6 +24,7 @@ class DetectConfig:
     search_below: float = field(metadata=rule(range=(0.0, 1.0)))
     search_conf: float = field(metadata=rule(range=(0.0, 1.0)))
     search_empty: bool
+    ap_sure: float = field(metadata=rule(range=(0.0, 1.0)))
     iou: float = field(metadata=rule(range=(0.0, 1.0)))
     max_det: int = field(metadata=rule(range=(1, 16)))
     batch: int = field(metadata=rule(range=(1, 256)))

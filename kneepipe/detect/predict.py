@@ -474,6 +474,8 @@ class JointDetector:
                 if _best_confidence(boxes) < self.config.search_below and searched:
                     tilt = 0.0 if index in views or index in leaning else orientations[index].tilt
                     boxes = self.search_boxes(film, boxes, tilt)
+                if not len(boxes) and kind is not None and kind[VIEW_CLASSES.index(VIEW_AP)] >= self.config.ap_sure:
+                    boxes = self.faintest_knee(film)
                 content, corner = contents[index]
                 film_view, trim = views.get(index), None
                 if content is not radiographs[index].pixels:  # found on the trimmed content
@@ -640,6 +642,17 @@ class JointDetector:
         views = [straightened_view(film, tilt) for film, tilt in zip(films, tilts, strict=True)]
         found = self.predict_boxes([view.pixels for view in views])
         return [_map_back(rows, view.matrix) for rows, view in zip(found, views, strict=True)]
+
+    def faintest_knee(self, pixels: np.ndarray) -> np.ndarray:
+        """The most confident box from ``config.pair_conf`` up on a film the view classifier is sure shows
+        an AP knee (``config.ap_sure``) but on which neither the first pass nor the search found a joint.
+
+        A knee filling the frame is read by the model at 0.01-0.05 while the view classifier reads an AP
+        knee at 0.9 or more on the same film. Its box is kept, marked for review by its low confidence
+        (``config.review_conf``), rather than the film refused as having no knee.
+        """
+        (rows,) = self._raw_boxes([pixels], self.config.pair_conf)
+        return suppress_nested(rows, self.config.iou)[:1]
 
     def search_boxes(self, pixels: np.ndarray, first: np.ndarray, tilt: float = 0.0) -> np.ndarray:
         """Look further for the knees of a film the first pass found no confident knee on.
