@@ -257,6 +257,29 @@ def suppress_nested(rows: np.ndarray, overlap: float) -> np.ndarray:
     return np.array(kept).reshape(-1, 6)
 
 
+def pool_looks(first: np.ndarray, second: np.ndarray, overlap: float) -> np.ndarray:
+    """The joints of two looks at one film, each look's rows already selected, most confident first.
+
+    A joint of the second look that overlaps one of the first (:func:`suppress_nested`) is the same
+    knee, and the more confident box stays; one that does not is added when it sits beside every
+    joint of the first look (two knees on a film are side by side). Both looks' selections keep
+    their partners: the first look's box of a knee may be too loose for the second look's partner
+    to pass :func:`pair_partner` against it.
+
+    >>> first = np.array([[0, 0, 100, 100, 0.6, 0]])
+    >>> second = np.array([[10, 10, 90, 90, 0.2, 0], [200, 30, 270, 100, 0.02, 1], [10, 200, 90, 280, 0.1, 0]])
+    >>> pool_looks(first, second, 0.4)[:, 4].tolist()
+    [0.6, 0.02]
+    """
+    pooled = suppress_nested(np.vstack([first, second]), overlap)
+    from_first = [any(np.array_equal(row, kept) for kept in first) for row in pooled]
+    firsts = pooled[from_first]
+    keep = [
+        mine or all(_side_by_side(row, kept) for kept in firsts) for row, mine in zip(pooled, from_first, strict=True)
+    ]
+    return pooled[keep]
+
+
 def equalise_contrast(pixels: np.ndarray) -> np.ndarray:
     """CLAHE-equalised copy of a ``uint8`` film (clip limit 2, 8x8 tiles), for the detector's second look.
 
@@ -463,7 +486,7 @@ class JointDetector:
                 looked = self.look_straightened([contents[i][0] for i in leaning], list(leaning.values()))
                 for i, rows in zip(leaning, looked, strict=True):
                     at = upright.index(i)
-                    results[at] = self.select_boxes(np.vstack([results[at], rows]))
+                    results[at] = pool_looks(results[at], rows, self.config.iou)
             # The view is read from the film as stored: straightening a lateral knee's bent leg hides its view.
             as_read = [contents[i][0] for i in upright]
             kinds = self.view_classifier.probabilities(as_read) if self.view_classifier else [None] * len(films)
