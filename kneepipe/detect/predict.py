@@ -434,14 +434,19 @@ class JointDetector:
         )
 
     def detect(self, radiographs: Sequence[Radiograph]) -> list[Detection]:
-        """Find the knee joints of each radiograph (one model call per batch).
+        """Find the knee joints of each radiograph (one model call per batch, and more for the few below).
 
         Lateral DICOM views and over- or under-exposed films
         (:func:`~kneepipe.detect.quality.exposure_problem`) are refused without running
-        the model; the view classifier then names lateral views and films with no knee,
-        and each knee found is checked for a cut by the film's edge and for metal
-        (:meth:`check_quality`). Boxes come back in the source file's pixels; crops are
-        cut from the pixels as read.
+        the model. A film on wide uniform padding is detected on its content alone
+        (:func:`trimmed_content`); one lying sideways is turned (:meth:`detect_sideways`), one
+        tilted by ``STRAIGHTEN_TILT`` or more straightened, and one leaning less with a single
+        knee found is also looked at straightened (:meth:`look_straightened`). A film with no
+        confident knee is searched further (:meth:`search_boxes`), and one the view classifier
+        is sure shows an AP knee keeps its best box even then (:meth:`best_faint_box`). The view
+        classifier names lateral views and films with no knee, and each knee found is checked
+        for a cut by the film's edge and for metal (:meth:`check_quality`). Boxes come back in
+        the source file's pixels; crops are cut from the pixels as read.
 
         >>> detection = detector.detect([read_radiograph("knees.png")])[0]  # doctest: +SKIP
         >>> [(joint.side, joint.crop.shape) for joint in detection.joints]  # doctest: +SKIP
@@ -498,7 +503,7 @@ class JointDetector:
                     tilt = 0.0 if index in views or index in leaning else orientations[index].tilt
                     boxes = self.search_boxes(film, boxes, tilt)
                 if not len(boxes) and kind is not None and kind[VIEW_CLASSES.index(VIEW_AP)] >= self.config.ap_sure:
-                    boxes = self.faintest_knee(film)
+                    boxes = self.best_faint_box(film)
                 content, corner = contents[index]
                 film_view, trim = views.get(index), None
                 if content is not radiographs[index].pixels:  # found on the trimmed content
@@ -666,7 +671,7 @@ class JointDetector:
         found = self.predict_boxes([view.pixels for view in views])
         return [_map_back(rows, view.matrix) for rows, view in zip(found, views, strict=True)]
 
-    def faintest_knee(self, pixels: np.ndarray) -> np.ndarray:
+    def best_faint_box(self, pixels: np.ndarray) -> np.ndarray:
         """The most confident box from ``config.pair_conf`` up on a film the view classifier is sure shows
         an AP knee (``config.ap_sure``) but on which neither the first pass nor the search found a joint.
 
