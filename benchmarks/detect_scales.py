@@ -9,14 +9,19 @@ knees) and builds, in memory only, films the detector never saw:
   past the film, it is padded with the film's own border grey), resized to 1200 px wide;
 * ``tilt -20`` ... ``tilt +20``: each whole film rotated about its centre on an enlarged
   canvas;
-* ``rotated 90`` / ``rotated 270``: each whole film turned by a quarter turn.
+* ``rotated 90`` / ``rotated 270``: each whole film turned by a quarter turn;
+* ``full leg 2x`` ... ``full leg 4x``: each whole film made that many times as tall, as a
+  full-leg film (hip to ankle) shows the knees: the rows above the highest knee box and
+  below the lowest are stretched along the legs (femur and tibia run on), the knees' rows
+  are kept as they are.
 
 The reference boxes (``benchmarks/data/detect_reference_boxes.csv``: the shipped
 detector's boxes on the original films, checked by eye against the hand annotations
 of ``tests/data/radiograph_annotations.csv``) are carried over exactly through each
 transform. A quarter turn and a cut-and-resize keep a box axis-aligned; under a tilt
 the reference is the square of the same side centred on the rotated centre (the
-detector boxes the tilted knee upright). A knee counts as found when a box of the film
+detector boxes the tilted knee upright); a full-leg film moves each box down by the
+stretch above it. A knee counts as found when a box of the film
 has IoU >= 0.5 with it. Every reference knee inside a transformed film counts (a cut
 from a bilateral film can hold the other knee too).
 
@@ -53,6 +58,7 @@ AP_FILMS = (
 )
 SCALES = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 TILTS = (-20, -10, 10, 20)
+LEG_LENGTHS = (2, 3, 4)  # full-leg films: this many times as tall as the film
 FILM_WIDTH = 1200  # the width a cut film is resized to (a typical single-knee film)
 ASPECT = 1.3  # height / width of a cut film (single-knee AP films are portrait)
 
@@ -164,6 +170,21 @@ def turn_film(pixels: np.ndarray, knees: list[Box], quarter_turns: int):
     return film, boxes
 
 
+def full_leg_film(pixels: np.ndarray, knees: list[Box], factor: float):
+    """The film ``factor`` times as tall: the rows above and below the knees stretched along the legs."""
+    height, width = pixels.shape
+    top, bottom = int(min(k[1] for k in knees)), int(max(k[3] for k in knees))
+    extra = (factor - 1) * height
+    share = top / max(1, top + height - bottom)  # the stretch is shared as the rows are
+    new_top, new_bottom = top + int(extra * share), height - bottom + int(extra * (1 - share))
+    parts = [cv2.resize(pixels[:top], (width, new_top))] if top else []
+    parts.append(pixels[top:bottom])
+    if bottom < height:
+        parts.append(cv2.resize(pixels[bottom:], (width, new_bottom)))
+    shift = new_top - top if top else 0
+    return np.vstack(parts), [(k[0], k[1] + shift, k[2], k[3] + shift) for k in knees]
+
+
 def transformed_films(radiographs: dict[str, np.ndarray], reference: dict[str, list[tuple[str, Box]]], seed: int = 0):
     """Yield ``(transform, film name, pixels, reference boxes)`` for every transform of every film."""
     rng = np.random.default_rng(seed)
@@ -180,6 +201,9 @@ def transformed_films(radiographs: dict[str, np.ndarray], reference: dict[str, l
         for turns in (1, 3):
             film, boxes = turn_film(pixels, knees, turns)
             yield f"rotated {turns * 90}", name, film, boxes
+        for factor in LEG_LENGTHS:
+            film, boxes = full_leg_film(pixels, knees, factor)
+            yield f"full leg {factor}x", name, film, boxes
 
 
 def load_films() -> dict[str, np.ndarray]:

@@ -135,6 +135,20 @@ def test_a_knee_filling_the_frame_that_only_the_view_classifier_is_sure_of_is_ke
     assert joint.confidence < 0.05 and joint.needs_review and "low detector confidence" in joint.review_reason
 
 
+def test_the_knees_of_a_full_leg_film_are_found_in_windows(detector, reference):
+    # A real bilateral film made three times as tall, its femurs and tibias run on (the benchmark's
+    # full-leg transform): shrunk whole to the model's input its knees are a third of the learnt size
+    # and no joint is found; square windows down its length find both, each on its side.
+    films = detect_scales.load_films()
+    knees = [box for _, box in reference["stage_1_1.jpg"]]
+    film, boxes = detect_scales.full_leg_film(films["stage_1_1.jpg"], knees, 3)
+    assert film.shape[0] >= 2 * film.shape[1]
+    assert not len(detector.predict_boxes([film])[0])
+    detection = detector.detect([_film(film, "full-leg.png")])[0]
+    assert detection.status == "ok" and min(_found(detection, boxes)) >= 0.5
+    assert sorted(joint.side for joint in detection.joints) == ["L", "R"]
+
+
 def test_a_film_stored_on_its_side_is_found_turned_and_flagged(detector, reference):
     films = detect_scales.load_films()
     knees = [box for _, box in reference["stage_2_7.jpg"]]

@@ -94,6 +94,12 @@ among the shared radiographs, and single knees cut from them, read within 12.1 d
 SEARCH_TILT = 5.0
 """A searched film whose edges lean by at least this many degrees (less than ``STRAIGHTEN_TILT``) is also
 looked at straightened."""
+TALL_FILM = 2.0
+"""A portrait film at least this many times as tall as wide (a full-leg film, hip to ankle) whose first
+pass found no joint from ``WINDOW_BELOW`` is also looked at in square windows down its length. The
+shared radiographs are at most 1.74 times as tall as wide."""
+WINDOW_BELOW = 0.5
+"""The best joint confidence below which a tall film is looked at in windows (:meth:`JointDetector.window_boxes`)."""
 CONTENT_TRIM = 0.8
 """A film whose content (inside uniform padding, :func:`~kneepipe.detect.quality.content_box`) spans less than
 this share of its width or height is detected on its content alone. The shared radiographs' content spans at
@@ -441,7 +447,8 @@ class JointDetector:
         the model. A film on wide uniform padding is detected on its content alone
         (:func:`trimmed_content`); one lying sideways is turned (:meth:`detect_sideways`), one
         tilted by ``STRAIGHTEN_TILT`` or more straightened, and one leaning less with a single
-        knee found is also looked at straightened (:meth:`look_straightened`). A film with no
+        knee found is also looked at straightened (:meth:`look_straightened`); a full-leg film is
+        looked at in windows down its length (:meth:`window_boxes`). A film with no
         confident knee is searched further (:meth:`search_boxes`), and one the view classifier
         is sure shows an AP knee keeps its best box even then (:meth:`best_faint_box`). The view
         classifier names lateral views and films with no knee, and each knee found is checked
@@ -492,6 +499,9 @@ class JointDetector:
                 for i, rows in zip(leaning, looked, strict=True):
                     at = upright.index(i)
                     results[at] = pool_looks(results[at], rows, self.config.iou)
+            for at, (film, rows) in enumerate(zip(films, results, strict=True)):
+                if film.shape[0] >= TALL_FILM * film.shape[1] and _best_confidence(rows) < WINDOW_BELOW:
+                    results[at] = self.window_boxes(film, rows)
             # The view is read from the film as stored: straightening a lateral knee's bent leg hides its view.
             as_read = [contents[i][0] for i in upright]
             kinds = self.view_classifier.probabilities(as_read) if self.view_classifier else [None] * len(films)
@@ -655,7 +665,8 @@ class JointDetector:
         for boxes, (_, (scale_x, scale_y)) in zip(rows, inputs, strict=True):
             boxes[:, [0, 2]] *= scale_x
             boxes[:, [1, 3]] *= scale_y
-        return rows
+        # A box clipped to the letterboxed film can come back with no width or height: no knee.
+        return [boxes[(boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)] for boxes in rows]
 
     def look_straightened(self, films: list[np.ndarray], tilts: list[float]) -> list[np.ndarray]:
         """The joints found on each film straightened by its ``tilt``, mapped back onto the film.
@@ -670,6 +681,23 @@ class JointDetector:
         views = [straightened_view(film, tilt) for film, tilt in zip(films, tilts, strict=True)]
         found = self.predict_boxes([view.pixels for view in views])
         return [_map_back(rows, view.matrix) for rows, view in zip(found, views, strict=True)]
+
+    def window_boxes(self, pixels: np.ndarray, first: np.ndarray) -> np.ndarray:
+        """Look at a tall film in square windows down its length, and pool them with the first pass.
+
+        On a full-leg film the whole film shrunk to the model's input shows each knee at a third of
+        the size the model learnt or less. Square windows as wide as the film, each overlapping the
+        next by half, show it at the scale of an ordinary knee film (one model call for all of them).
+        Their joints are mapped back and pooled with the first pass's (:meth:`select_boxes`); the
+        pooled joints win when their summed confidence is higher.
+        """
+        height, width = pixels.shape[:2]
+        tops = list(range(0, height - width, max(1, width // 2))) + [height - width]
+        found = self.predict_boxes([pixels[top : top + width] for top in tops])
+        shifted = [rows + np.array([0, top, 0, top, 0, 0]) for rows, top in zip(found, tops, strict=True)]
+        pooled = self.select_boxes(np.vstack([first, *shifted]))
+        kept = self.config.max_det
+        return pooled if pooled[:kept, 4].sum() > first[:kept, 4].sum() else first
 
     def best_faint_box(self, pixels: np.ndarray) -> np.ndarray:
         """The most confident box from ``config.pair_conf`` up on a film the view classifier is sure shows
