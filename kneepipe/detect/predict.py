@@ -98,6 +98,9 @@ TALL_FILM = 2.0
 """A portrait film at least this many times as tall as wide (a full-leg film, hip to ankle) whose first
 pass found no joint from ``WINDOW_BELOW`` is also looked at in square windows down its length. The
 shared radiographs are at most 1.74 times as tall as wide."""
+LONG_FILM = 1.4
+"""... and so is one at least this many times as tall as wide that the view classifier does not read as a
+lateral view (two shared laterals, 1.66 and 1.74 times as tall as wide, got boxes from windows)."""
 WINDOW_BELOW = 0.5
 """The best joint confidence below which a tall film is looked at in windows (:meth:`JointDetector.window_boxes`)."""
 CONTENT_TRIM = 0.8
@@ -499,12 +502,12 @@ class JointDetector:
                 for i, rows in zip(leaning, looked, strict=True):
                     at = upright.index(i)
                     results[at] = pool_looks(results[at], rows, self.config.iou)
-            for at, (film, rows) in enumerate(zip(films, results, strict=True)):
-                if film.shape[0] >= TALL_FILM * film.shape[1] and _best_confidence(rows) < WINDOW_BELOW:
-                    results[at] = self.window_boxes(film, rows)
             # The view is read from the film as stored: straightening a lateral knee's bent leg hides its view.
             as_read = [contents[i][0] for i in upright]
             kinds = self.view_classifier.probabilities(as_read) if self.view_classifier else [None] * len(films)
+            for at, (film, rows, kind) in enumerate(zip(films, results, kinds, strict=True)):
+                if self.wants_windows(film, rows, kind):
+                    results[at] = self.window_boxes(film, rows)
             for index, film, boxes, kind in zip(upright, films, results, kinds, strict=True):
                 # A film with no joint is searched too when the view classifier reads an AP knee on it.
                 reads_ap = kind is not None and VIEW_CLASSES[int(np.argmax(kind))] == VIEW_AP
@@ -682,6 +685,16 @@ class JointDetector:
         found = self.predict_boxes([view.pixels for view in views])
         return [_map_back(rows, view.matrix) for rows, view in zip(found, views, strict=True)]
 
+    def wants_windows(self, film: np.ndarray, first: np.ndarray, view: np.ndarray | None) -> bool:
+        """Whether a film is looked at in windows (:meth:`window_boxes`): a portrait film ``TALL_FILM``
+        times as tall as wide, or ``LONG_FILM`` times and not read lateral by the view classifier
+        (probabilities ``view``), whose first pass found no joint from ``WINDOW_BELOW``."""
+        if _best_confidence(first) >= WINDOW_BELOW:
+            return False
+        tall = film.shape[0] / film.shape[1]
+        lateral = view is not None and view[VIEW_CLASSES.index(VIEW_LATERAL)] >= self.config.lateral_threshold
+        return tall >= TALL_FILM or (tall >= LONG_FILM and not lateral)
+
     def window_boxes(self, pixels: np.ndarray, first: np.ndarray) -> np.ndarray:
         """Look at a tall film in square windows down its length, and pool them with the first pass.
 
@@ -689,7 +702,8 @@ class JointDetector:
         the size the model learnt or less. Square windows as wide as the film, each overlapping the
         next by half, show it at the scale of an ordinary knee film (one model call for all of them).
         Their joints are mapped back and pooled with the first pass's (:meth:`select_boxes`); the
-        pooled joints win when their summed confidence is higher.
+        pooled joints win when their summed confidence is higher. A film up to 1.5 times as tall
+        as wide gets two windows, one at its top and one at its bottom.
         """
         height, width = pixels.shape[:2]
         tops = list(range(0, height - width, max(1, width // 2))) + [height - width]
