@@ -149,6 +149,19 @@ def test_the_knees_of_a_full_leg_film_are_found_in_windows(detector, reference):
     assert sorted(joint.side for joint in detection.joints) == ["L", "R"]
 
 
+def test_a_long_lateral_film_is_not_looked_at_in_windows(detector, radiographs_dir):
+    # arthritis_8 and stage_2_8 are laterals 1.74 and 1.66 times as tall as wide: windows gave them boxes,
+    # so a film under twice as tall as wide gets windows only when the view classifier does not read it
+    # lateral. Both stay lateral views, as every shared lateral does.
+    for name in ("arthritis_8.jpg", "stage_2_8.jpg"):
+        pixels = read_radiograph(radiographs_dir / name).pixels
+        (view,) = detector.view_classifier.probabilities([pixels])
+        none = np.zeros((0, 6))
+        assert detector.wants_windows(pixels, none, None)  # long enough, nothing found
+        assert not detector.wants_windows(pixels, none, view), name
+        assert detector.detect([_film(pixels, name)])[0].status == "lateral_view", name
+
+
 def test_a_film_stored_on_its_side_is_found_turned_and_flagged(detector, reference):
     films = detect_scales.load_films()
     knees = [box for _, box in reference["stage_2_7.jpg"]]
