@@ -466,12 +466,14 @@ class JointDetector:
         contents: dict[int, tuple[np.ndarray, tuple[int, int]]] = {}
         for index, radiograph in enumerate(radiographs):
             view = (radiograph.view or "").strip().upper()
-            bounds = content_box(radiograph.pixels)
             if view in LATERAL_VIEWS:
                 reason = f"{LATERAL_REASON} (DICOM view position {radiograph.view})"
                 detections[index] = Detection(radiograph.path, (), STATUS_LATERAL_VIEW, reason)
             elif problem := exposure_problem(
-                radiograph.pixels, self.config.overexposed_fraction, self.config.underexposed_level, bounds
+                radiograph.pixels,
+                self.config.overexposed_fraction,
+                self.config.underexposed_level,
+                bounds := content_box(radiograph.pixels),
             ):
                 detections[index] = Detection(radiograph.path, (), *problem)
             else:
@@ -709,9 +711,7 @@ class JointDetector:
         tops = list(range(0, height - width, max(1, width // 2))) + [height - width]
         found = self.predict_boxes([pixels[top : top + width] for top in tops])
         shifted = [rows + np.array([0, top, 0, top, 0, 0]) for rows, top in zip(found, tops, strict=True)]
-        pooled = self.select_boxes(np.vstack([first, *shifted]))
-        kept = self.config.max_det
-        return pooled if pooled[:kept, 4].sum() > first[:kept, 4].sum() else first
+        return self._pooled_if_surer(first, shifted)
 
     def best_faint_box(self, pixels: np.ndarray) -> np.ndarray:
         """The most confident box from ``config.pair_conf`` up on a film the view classifier is sure shows
@@ -756,7 +756,12 @@ class JointDetector:
             views.append((straight.pixels, straight.matrix))
         found = self._raw_boxes([view for view, _ in views], self.config.search_conf)
         on_film = [_map_back(rows, matrix) for rows, (_, matrix) in zip(found, views, strict=True)]
-        pooled = self.select_boxes(np.vstack([first, *on_film]))
+        return self._pooled_if_surer(first, on_film)
+
+    def _pooled_if_surer(self, first: np.ndarray, more: list[np.ndarray]) -> np.ndarray:
+        """The joints selected from ``first`` and ``more`` rows together (:meth:`select_boxes`) when their
+        ``max_det`` most confident sum to more than ``first``'s, else ``first``."""
+        pooled = self.select_boxes(np.vstack([first, *more]))
         kept = self.config.max_det
         return pooled if pooled[:kept, 4].sum() > first[:kept, 4].sum() else first
 
