@@ -20,7 +20,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from kneepipe.imaging import ImageReadError, Radiograph, find_images, list_inputs, read_radiograph
+from kneepipe.imaging import ImageReadError, Radiograph, area_resize, find_images, list_inputs, read_radiograph
+from kneepipe.pipeline.outputs import thumbnail_jpeg
 
 
 @pytest.fixture(scope="module")
@@ -413,3 +414,26 @@ def test_a_dicom_window_that_cannot_be_applied_is_noted(tmp_path, knee_gray):
     assert correlation(radiograph.pixels, knee_gray) > 0.99  # the percentile window still shows the knee
     plain = read_radiograph(save_dicom(make_dicom(stored, "MONOCHROME2", 12), tmp_path / "plain.dcm"))
     assert plain.notes == ()
+
+
+@pytest.mark.parametrize("side", [192, 640])
+def test_area_resize_of_a_real_film_matches_one_area_resize_within_rounding(radiographs_dir, side):
+    """A whole factor first, then the rest (3356 x 4096 to 192: 21 then 1.02; to 640: 6 then 1.07)."""
+    film = read_radiograph(radiographs_dir / "stage_1_0.jpg").pixels
+    height, width = film.shape
+    size = (side, round(height * side / width))
+    fast = area_resize(film, size)
+    exact = cv2.resize(film, size, interpolation=cv2.INTER_AREA)
+    assert fast.shape == exact.shape == (size[1], size[0])
+    difference = np.abs(fast.astype(int) - exact)[2:-2, 2:-2]
+    assert difference.mean() < 1.0 and np.percentile(difference, 99) <= 7  # a bilinear shrink: 1.58 and 8 at 192
+
+
+def test_a_report_thumbnail_is_the_film_shrunk_to_its_size_with_its_scale(radiographs_dir):
+    radiograph = read_radiograph(radiographs_dir / "stage_1_0.jpg")
+    data, scale = thumbnail_jpeg(radiograph, 640)
+    thumbnail = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    width, height = radiograph.original_size
+    assert max(thumbnail.shape) == 640 and scale == pytest.approx(thumbnail.shape[1] / width)
+    exact = cv2.resize(radiograph.pixels, thumbnail.shape[::-1], interpolation=cv2.INTER_AREA)
+    assert np.abs(thumbnail.astype(int) - exact).mean() < 2.0  # JPEG at quality 85 and the two-step shrink

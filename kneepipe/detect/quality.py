@@ -28,6 +28,7 @@ import cv2
 import numpy as np
 
 from kneepipe.files import file_version
+from kneepipe.imaging import area_resize
 
 log = logging.getLogger(__name__)
 
@@ -257,17 +258,7 @@ def letterbox(pixels: np.ndarray, size: int) -> np.ndarray:
     height, width = pixels.shape
     scale = size / max(height, width)
     shape = (max(1, round(width * scale)), max(1, round(height * scale)))
-    step = int(min(width / shape[0], height / shape[1]))
-    if step >= 2:
-        # Area averaging by a whole factor first (OpenCV's fast path; the last step - 1 rows
-        # and columns at most are left out), then by what remains: on a film of several
-        # megapixels this takes a quarter of the time of one area resize by a fractional factor.
-        pixels = cv2.resize(
-            pixels[: height // step * step, : width // step * step],
-            (width // step, height // step),
-            interpolation=cv2.INTER_AREA,
-        )
-    resized = cv2.resize(pixels, shape, interpolation=cv2.INTER_AREA)
+    resized = area_resize(pixels, shape)
     square = np.full((size, size), LETTERBOX_GREY, np.uint8)
     top, left = (size - resized.shape[0]) // 2, (size - resized.shape[1]) // 2
     square[top : top + resized.shape[0], left : left + resized.shape[1]] = resized

@@ -21,7 +21,7 @@ import numpy as np
 
 from kneepipe import KL_GRADES
 from kneepipe.files import write_atomic, write_csv_atomic
-from kneepipe.imaging import Radiograph
+from kneepipe.imaging import Radiograph, area_resize
 from kneepipe.joints import STATUS_OK
 from kneepipe.pipeline.config import PipelineConfig
 from kneepipe.pipeline.evaluate import EVALUATION_COLUMNS, end_to_end_metrics, match_labels
@@ -220,7 +220,7 @@ def thumbnail_jpeg(radiograph: Radiograph, size: int) -> tuple[bytes, float]:
     factor = min(1.0, size / max(height, width))
     if factor < 1.0:
         new_size = (max(1, round(width * factor)), max(1, round(height * factor)))
-        pixels = cv2.resize(pixels, new_size, interpolation=cv2.INTER_AREA)
+        pixels = area_resize(pixels, new_size)
     ok, encoded = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, 85])
     if not ok:
         raise OSError(f"cannot encode a thumbnail of {radiograph.path}")
