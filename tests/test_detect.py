@@ -21,7 +21,9 @@ from kneepipe.detect.evaluate import box_iou, read_annotations
 from kneepipe.detect.predict import (
     DEFAULT_WEIGHTS,
     JOINTS_CSV_COLUMNS,
+    FilmChecks,
     JointDetector,
+    detect_radiographs,
     model_input,
     pair_partner,
     saturated_fraction,
@@ -170,6 +172,33 @@ def test_a_lateral_dicom_view_is_refused_without_the_model(detector):
     lateral = Radiograph(pixels=np.zeros((64, 64), np.uint8), path=Path("knee.dcm"), original_size=(64, 64), view="LL")
     detection = detector.detect([lateral])[0]
     assert detection.status == "lateral_view" and "LL" in detection.message
+
+
+def test_film_checks_made_ahead_give_the_detection_made_without_them(detector, radiographs_dir, monkeypatch):
+    """``kneepipe run`` checks each film's pixels in its decoding thread; the detector then only runs the models."""
+    names = ("stage_2_7.jpg", "stage_1_5.jpg", "arthritis_0.jpg", "stage_2_8.jpg", "stage_2_0.jpg")
+    films = [read_radiograph(radiographs_dir / name) for name in names]  # AP, foot, over-exposed, lateral, long AP
+    checks = [detector.check_film(film) for film in films]
+    assert [c.refused[0] if c.refused else None for c in checks] == [None, None, "overexposed", None, None]
+    assert all(c.view_input is not None and c.view_input.shape == (192, 192) for c in checks if not c.refused)
+    plain = detector.detect(films)
+    monkeypatch.setattr(detector, "check_film", lambda film: pytest.fail(f"{film.path.name} checked again"))
+    ahead = detect_radiographs(detector, films, checks)
+    statuses = ["ok", "no_knee", "overexposed", "lateral_view", "ok"]
+    assert [d.status for d in ahead] == [d.status for d in plain] == statuses
+    for a, b in zip(ahead, plain, strict=True):
+        assert a.message == b.message
+        assert [(j.side, j.box, j.confidence) for j in a.joints] == [(j.side, j.box, j.confidence) for j in b.joints]
+
+
+def test_a_film_missing_its_checks_is_checked_by_the_detector(detector, radiographs_dir):
+    film = read_radiograph(radiographs_dir / "stage_2_7.jpg")
+    (detection,) = detector.detect([film], [None])
+    assert detection.status == "ok" and len(detection.joints) == 2
+    with pytest.raises(ValueError, match="2 film checks for 1 radiographs"):
+        detector.detect([film], [None, None])
+    with pytest.raises(ValueError, match="needs its orientation"):
+        FilmChecks(None, film.pixels)
 
 
 def test_single_knee_side_comes_from_the_dicom_tag(detector, radiographs_dir):

@@ -480,11 +480,13 @@ def test_steps_are_graded_beside_the_detector_in_input_order(tmp_path, films, mo
     second_step_detected = threading.Event()
     overlapped = []
 
-    def detect(model, radiographs):
+    def detect(model, radiographs, checks=None):
+        # Each film's pixels were checked in the decoding thread: the detector only runs the models.
+        assert checks is not None and all(check is not None for check in checks), checks
         detected_steps.append(len(radiographs))
         if len(detected_steps) == 2:
             second_step_detected.set()
-        return real_detect(model, radiographs)
+        return real_detect(model, radiographs, checks)
 
     def grade_each(crops, batch_size=32, features=None):
         # The first step's grading waits for the second step's detection. In a pipeline
@@ -502,6 +504,20 @@ def test_steps_are_graded_beside_the_detector_in_input_order(tmp_path, films, mo
     journaled = [json.loads(line)["image"] for line in (out / "journal.jsonl").read_text().splitlines()]
     assert journaled == sorted(p.name for p in images.iterdir())  # input order, each once
     assert run.summary["knees_graded"] == sum(len(record["knees"]) for record in run.images.values()) >= 6
+
+
+def test_a_film_check_failing_in_the_decoding_thread_keeps_the_thumbnail(radiographs_dir):
+    from kneepipe.imaging import read_radiograph
+    from kneepipe.pipeline.run import _prepare_film
+
+    film = read_radiograph(radiographs_dir / "stage_2_7.jpg")
+
+    def broken(radiograph):
+        raise MemoryError("no room")
+
+    thumbnail, checks = _prepare_film(film, 640, broken)
+    assert checks is None and thumbnail is not None and thumbnail[0][:2] == b"\xff\xd8"  # a JPEG
+    assert _prepare_film(film, 0, None) == (None, None)
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ import numpy as np
 from kneepipe.config import save_config
 from kneepipe.detect.config import DetectConfig
 from kneepipe.detect.framing import crop_joint, square_box
-from kneepipe.detect.orientation import bone_orientation
+from kneepipe.detect.orientation import Orientation, bone_orientation
 from kneepipe.detect.quality import (
     DEFAULT_VIEW_MODEL,
     VIEW_AP,
@@ -366,6 +366,35 @@ def load_view_classifier(config: DetectConfig, detector_weights: Path) -> ViewCl
         return None
 
 
+@dataclass(frozen=True)
+class FilmChecks:
+    """What :meth:`JointDetector.detect` reads from a film's pixels before any model runs.
+
+    Pixel work only (:meth:`JointDetector.check_film`), so ``kneepipe run`` does it in its
+    decoding threads while the models run on earlier films.
+
+    Attributes:
+        refused: ``(status, reason)`` of a film refused before detection (a lateral DICOM view,
+            over- or under-exposure), else None.
+        content: the film without its uniform padding (:func:`trimmed_content`): the whole film
+            unless the padding is wide; for a refused film, the film.
+        corner: the content's top-left corner on the film.
+        orientation: how the content lies (None for a refused film).
+        view_input: the view classifier's input of the content (None for a refused film, a film
+            lying sideways, or a detector without a view classifier).
+    """
+
+    refused: tuple[str, str] | None
+    content: np.ndarray = field(repr=False)
+    corner: tuple[int, int] = (0, 0)
+    orientation: Orientation | None = None
+    view_input: np.ndarray | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.refused is None and self.orientation is None:
+            raise ValueError("a film that is not refused needs its orientation")
+
+
 class Detector(Protocol):
     """What the pipeline needs of a detector: a version to record and radiographs in, detections out."""
 
@@ -446,12 +475,41 @@ class JointDetector:
             view_classifier=load_view_classifier(config, weights),
         )
 
-    def detect(self, radiographs: Sequence[Radiograph]) -> list[Detection]:
+    def check_film(self, radiograph: Radiograph) -> FilmChecks:
+        """The pixel work :meth:`detect` does on a film before any model runs (:class:`FilmChecks`).
+
+        A lateral DICOM view (``ViewPosition``) and an over- or under-exposed film
+        (:func:`~kneepipe.detect.quality.exposure_problem`, over the film's content) are
+        refused; any other film is trimmed of wide uniform padding (:func:`trimmed_content`),
+        and how its content lies and what the view classifier reads of it are worked out.
+        Safe to call from several threads.
+        """
+        view = (radiograph.view or "").strip().upper()
+        if view in LATERAL_VIEWS:
+            reason = f"{LATERAL_REASON} (DICOM view position {radiograph.view})"
+            return FilmChecks((STATUS_LATERAL_VIEW, reason), radiograph.pixels)
+        bounds = content_box(radiograph.pixels)
+        config = self.config
+        if problem := exposure_problem(
+            radiograph.pixels, config.overexposed_fraction, config.underexposed_level, bounds
+        ):
+            return FilmChecks(problem, radiograph.pixels)
+        content, corner = trimmed_content(radiograph.pixels, bounds)
+        orientation = bone_orientation(content)
+        view_input = None
+        if self.view_classifier is not None and not orientation.sideways:
+            view_input = self.view_classifier.film_input(content)
+        return FilmChecks(None, content, corner, orientation, view_input)
+
+    def detect(
+        self, radiographs: Sequence[Radiograph], checks: Sequence[FilmChecks | None] | None = None
+    ) -> list[Detection]:
         """Find the knee joints of each radiograph (one model call per batch, and more for the few below).
 
         Lateral DICOM views and over- or under-exposed films
         (:func:`~kneepipe.detect.quality.exposure_problem`) are refused without running
-        the model. A film on wide uniform padding is detected on its content alone
+        the model (``checks``: the films' :meth:`check_film` where already made; the others
+        are made here). A film on wide uniform padding is detected on its content alone
         (:func:`trimmed_content`); one lying sideways is turned (:meth:`detect_sideways`), one
         tilted by ``STRAIGHTEN_TILT`` or more straightened, and one leaning less with a single
         knee found is also looked at straightened (:meth:`look_straightened`); a full-leg film is
@@ -467,25 +525,21 @@ class JointDetector:
         [('R', (224, 224)), ('L', (224, 224))]
         """
         detections: list[Detection | None] = [None] * len(radiographs)
+        given = list(checks) if checks is not None else [None] * len(radiographs)
+        if len(given) != len(radiographs):
+            raise ValueError(f"{len(given)} film checks for {len(radiographs)} radiographs")
+        checked = [self.check_film(r) if c is None else c for r, c in zip(radiographs, given, strict=True)]
         contents: dict[int, tuple[np.ndarray, tuple[int, int]]] = {}
-        for index, radiograph in enumerate(radiographs):
-            view = (radiograph.view or "").strip().upper()
-            if view in LATERAL_VIEWS:
-                reason = f"{LATERAL_REASON} (DICOM view position {radiograph.view})"
-                detections[index] = Detection(radiograph.path, (), STATUS_LATERAL_VIEW, reason)
-            elif problem := exposure_problem(
-                radiograph.pixels,
-                self.config.overexposed_fraction,
-                self.config.underexposed_level,
-                bounds := content_box(radiograph.pixels),
-            ):
-                detections[index] = Detection(radiograph.path, (), *problem)
-            else:
-                contents[index] = trimmed_content(radiograph.pixels, bounds)
+        orientations: dict[int, Orientation] = {}
+        for index, (radiograph, check) in enumerate(zip(radiographs, checked, strict=True)):
+            if check.refused is not None:
+                detections[index] = Detection(radiograph.path, (), *check.refused)
+            elif check.orientation is not None:  # always, for a film not refused (FilmChecks)
+                contents[index] = (check.content, check.corner)
+                orientations[index] = check.orientation
         to_run = list(contents)
         for start in range(0, len(to_run), self.config.batch):
             batch = to_run[start : start + self.config.batch]
-            orientations = {i: bone_orientation(contents[i][0]) for i in batch}
             upright = [i for i in batch if not orientations[i].sideways]
             views = {
                 i: straightened_view(contents[i][0], orientations[i].tilt)
@@ -509,8 +563,12 @@ class JointDetector:
                     at = upright.index(i)
                     results[at] = pool_looks(results[at], rows, self.config.iou)
             # The view is read from the film as stored: straightening a lateral knee's bent leg hides its view.
-            as_read = [contents[i][0] for i in upright]
-            kinds = self.view_classifier.probabilities(as_read) if self.view_classifier else [None] * len(films)
+            kinds: list[np.ndarray | None] = [None] * len(films)
+            if self.view_classifier is not None:
+                read = self.view_classifier.film_input
+                made = [checked[i].view_input for i in upright]
+                inputs = [read(contents[i][0]) if x is None else x for i, x in zip(upright, made, strict=True)]
+                kinds = list(self.view_classifier.probabilities([], inputs))
             for at, (film, rows, kind) in enumerate(zip(films, results, kinds, strict=True)):
                 if self.wants_windows(film, rows, kind):
                     results[at] = self.window_boxes(film, rows)
@@ -1044,8 +1102,13 @@ def detect_folder(
     )
 
 
-def detect_radiographs(detector: Detector, radiographs: Sequence[Radiograph]) -> list[Detection]:
+def detect_radiographs(
+    detector: Detector, radiographs: Sequence[Radiograph], checks: Sequence[FilmChecks | None] | None = None
+) -> list[Detection]:
     """One detection per radiograph, in order; a failure costs only the film that fails.
+
+    ``checks``: the films' :meth:`JointDetector.check_film` where already made (a
+    :class:`JointDetector` only; other detectors are called without them).
 
     The radiographs are detected together (in the detector's batches). If that call
     fails, or returns the wrong number of detections, the failure is logged and each film
@@ -1061,8 +1124,15 @@ def detect_radiographs(detector: Detector, radiographs: Sequence[Radiograph]) ->
     """
     if not radiographs:
         return []
+    given = list(checks) if checks is not None else [None] * len(radiographs)
+
+    def detect(films: Sequence[Radiograph], made: Sequence[FilmChecks | None]) -> list[Detection]:
+        if isinstance(detector, JointDetector):
+            return detector.detect(films, made)
+        return list(detector.detect(films))
+
     try:
-        detections = list(detector.detect(radiographs))
+        detections = detect(radiographs, given)
         if len(detections) == len(radiographs):
             return detections
         log.warning("the detector returned %d detections for %d films", len(detections), len(radiographs))
@@ -1074,9 +1144,9 @@ def detect_radiographs(detector: Detector, radiographs: Sequence[Radiograph]) ->
             err,
         )
     detections = []
-    for radiograph in radiographs:
+    for radiograph, check in zip(radiographs, given, strict=True):
         try:
-            detections.extend(detector.detect([radiograph]))
+            detections.extend(detect([radiograph], [check]))
         except Exception as err:  # any failure becomes that film's error detection
             reason = f"detection failed ({type(err).__name__}: {err})"
             detections.append(Detection(radiograph.path, (), STATUS_ERROR, reason))

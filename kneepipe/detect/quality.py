@@ -306,9 +306,14 @@ def view_features(backbone: Any, films: Sequence[np.ndarray], size: int, layers:
     Each film is letterboxed to ``size`` (:func:`letterbox`) and scaled to 0-1 in three
     equal channels, as the detector sees its input.
     """
+    return boxed_features(backbone, [letterbox(film, size) for film in films], layers)
+
+
+def boxed_features(backbone: Any, boxed: Sequence[np.ndarray], layers: Sequence[int]) -> np.ndarray:
+    """:func:`view_features` of films already letterboxed (``uint8`` squares of the classifier's size)."""
     import torch
 
-    batch = np.stack([letterbox(film, size) for film in films]).astype(np.float32) / 255.0
+    batch = np.stack(boxed).astype(np.float32) / 255.0
     x = torch.from_numpy(np.repeat(batch[:, None], 3, axis=1))
     pooled = []
     with torch.inference_mode():
@@ -383,11 +388,20 @@ class ViewClassifier:
             version=file_version(path),
         )
 
-    def probabilities(self, films: Sequence[np.ndarray]) -> np.ndarray:
-        """Each film's probability of each class (rows sum to 1, columns in :attr:`classes` order)."""
-        if not films:
+    def film_input(self, film: np.ndarray) -> np.ndarray:
+        """What the classifier reads of a film: the film letterboxed to :attr:`size` (pixel work only)."""
+        return letterbox(film, self.size)
+
+    def probabilities(self, films: Sequence[np.ndarray], inputs: Sequence[np.ndarray] | None = None) -> np.ndarray:
+        """Each film's probability of each class (rows sum to 1, columns in :attr:`classes` order).
+
+        ``inputs``: the films' :meth:`film_input`, when already made (``films`` is then not read).
+        """
+        if inputs is None:
+            inputs = [self.film_input(film) for film in films]
+        if not len(inputs):
             return np.empty((0, len(self.classes)))
-        features = view_features(self.backbone, films, self.size, self.layers)
+        features = boxed_features(self.backbone, inputs, self.layers)
         logits = ((features - self.mean) / self.scale) @ self.coef.T + self.intercept
         logits -= logits.max(axis=1, keepdims=True)
         odds = np.exp(logits)

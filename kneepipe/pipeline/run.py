@@ -36,7 +36,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import closing
+from contextlib import closing, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, overload
@@ -45,7 +45,7 @@ import numpy as np
 
 from kneepipe import __version__
 from kneepipe.config import save_config, to_dict
-from kneepipe.detect.predict import Detector, detect_radiographs
+from kneepipe.detect.predict import Detector, FilmChecks, JointDetector, detect_radiographs
 from kneepipe.files import file_digest, output_keys, write_atomic
 from kneepipe.imaging import ImageReadError, InputListing, Radiograph, list_inputs, read_radiograph
 from kneepipe.joints import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, Detection, Joint
@@ -472,12 +472,13 @@ def graded_steps(
     """
     pipeline_cfg, detect_cfg = work.pipeline_cfg, work.detect_cfg
     size = pipeline_cfg.thumbnail_size
+    check = detector.check_film if isinstance(detector, JointDetector) else None
     stream = decoded_radiographs(
         [film.path for film in films],
         detect_cfg.max_side,
         pipeline_cfg.prefetch,
         pipeline_cfg.decode_workers,
-        prepare=(lambda radiograph: thumbnail_jpeg(radiograph, size)) if size else None,
+        prepare=(lambda radiograph: _prepare_film(radiograph, size, check)) if size or check else None,
         max_pixels=detect_cfg.max_pixels,
     )
     grading = ThreadPoolExecutor(pipeline_cfg.grade_workers, thread_name_prefix="kneepipe-grade")
@@ -591,12 +592,32 @@ def _steps(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield step
 
 
+def _prepare_film(
+    radiograph: Radiograph, thumbnail_size: int, check: Callable[[Radiograph], FilmChecks] | None
+) -> tuple[tuple[bytes, float] | None, FilmChecks | None]:
+    """A film's work done in the decoding thread: its report thumbnail and the detector's pixel checks.
+
+    Either may be missing (not asked for, or it failed: the detector then checks the film itself,
+    and a failure there becomes the film's error detection).
+    """
+    thumbnail = checks = None
+    if thumbnail_size:
+        with suppress(Exception):
+            thumbnail = thumbnail_jpeg(radiograph, thumbnail_size)
+    if check is not None:
+        with suppress(Exception):
+            checks = check(radiograph)
+    return thumbnail, checks
+
+
 def _detect_step(
     detector: Detector, step: Sequence[tuple[Film, Radiograph | ImageReadError, Any]]
 ) -> dict[int, Detection]:
     """The detection of each radiograph of a step (files that could not be read are skipped), by ``id``."""
-    radiographs = [item for _, item, _ in step if isinstance(item, Radiograph)]
-    return {id(r): d for r, d in zip(radiographs, detect_radiographs(detector, radiographs), strict=True)}
+    read = [(item, prepared) for _, item, prepared in step if isinstance(item, Radiograph)]
+    radiographs = [item for item, _ in read]
+    checks = [prepared[1] if prepared else None for _, prepared in read]
+    return {id(r): d for r, d in zip(radiographs, detect_radiographs(detector, radiographs, checks), strict=True)}
 
 
 def _grade_step(
@@ -618,7 +639,8 @@ def _grade_step(
     logits_by_joint = {id(joint): logits for joint, logits in zip(joints, graded, strict=True)}
 
     records = []
-    for film, item, thumbnail in step:
+    for film, item, prepared in step:
+        thumbnail = prepared[0] if prepared else None
         record = image_record(film.name, film.path)
         if isinstance(item, ImageReadError):
             record["message"] = item.reason
