@@ -8,6 +8,9 @@ resampled to the grade counts 63/199/139/84/46 (a pure label shift; three seeds)
 * ``default``: what ``kneepipe grade`` does (``batch_norm=auto``: batch-norm statistics
   re-estimated on the batch when its shift score warns);
 * ``default --adapt-prior``: the same, then the EM grade prior and its guard;
+* ``default, true grade mix``: the same, with the batch's own grade mix (from its labels) put
+  in place of the training one by Bayes' rule: what a perfect label-shift estimate would
+  give, a bound on ``--adapt-prior`` rather than a method;
 * with ``--adapt``: ``kneepipe adapt`` on the batch as the site sample, out-of-fold figures
   of ``--folds``-fold cross-validation (minutes per batch).
 
@@ -95,6 +98,10 @@ def main() -> None:
             test = facts["prior_test"]
             note = "applied" if test["applied"] else test.get("declined", f"not significant (p = {test['p_value']})")
             _row(f"{label}, default --adapt-prior", truth[index], grader.decide(adapted), score, note.split(":")[0])
+            mix = np.bincount(truth[index], minlength=5) / len(index)
+            bound = probabilities * (mix / train_prior)
+            bound /= bound.sum(axis=1, keepdims=True)
+            _row(f"{label}, default, true grade mix", truth[index], grader.decide(bound), score, "bound: uses labels")
             if args.adapt:
                 _adapt_row(args, label, [paths[i] for i in index], truth[index])
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import shutil
+import threading
 from pathlib import Path
 
 import cv2
@@ -23,6 +24,7 @@ from kneepipe.detect.predict import (
     JOINTS_CSV_COLUMNS,
     FilmChecks,
     JointDetector,
+    detect_folder,
     detect_radiographs,
     model_input,
     pair_partner,
@@ -205,6 +207,24 @@ def test_single_knee_side_comes_from_the_dicom_tag(detector, radiographs_dir):
     single = read_radiograph(radiographs_dir / "arthritis_7.jpg")  # a right knee
     tagged = Radiograph(pixels=single.pixels, path=single.path, original_size=single.original_size, laterality="L")
     assert [j.side for j in detector.detect([tagged])[0].joints] == ["L"]
+
+
+def test_detect_folder_checks_films_in_its_decoding_thread(tmp_path, radiographs_dir, detector, monkeypatch):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name in ("bilateral_0.png", "stage_2_7.jpg", "stage_1_6.jpg"):
+        shutil.copy(radiographs_dir / name, raw / name)
+    (raw / "empty.jpg").write_bytes(b"")
+    threads, check = [], detector.check_film
+
+    def checked_where(film):
+        threads.append(threading.current_thread().name)
+        return check(film)
+
+    monkeypatch.setattr(detector, "check_film", checked_where)
+    summary = detect_folder(raw, tmp_path / "out", detector.config, detector=detector, progress=False)
+    assert len(threads) == 3 and all(name.startswith("kneepipe-decode") for name in threads), threads
+    assert summary.status_counts == {"ok": 4, "no_knee": 1, "error": 1}
 
 
 def test_cli_detects_a_folder_and_reports_bad_files(tmp_path, radiographs_dir):

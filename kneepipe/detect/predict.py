@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import logging
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -41,7 +43,7 @@ from kneepipe.detect.quality import (
 from kneepipe.detect.quality import saturated_fraction as saturated_fraction  # its home before quality.py
 from kneepipe.detect.side import SideClassifier, decide_side
 from kneepipe.files import FORMULA_STARTS, MAX_KEY_LENGTH, file_version, write_atomic, write_csv_atomic
-from kneepipe.imaging import ImageReadError, Radiograph, list_inputs, read_radiograph
+from kneepipe.imaging import ImageReadError, Radiograph, list_inputs
 from kneepipe.joints import (
     CROP_FRAMING,
     SIDES,
@@ -1056,17 +1058,25 @@ def detect_folder(
         transient=True,
         disable=not progress or len(paths) <= 1,
     )
-    with bar:
+    from kneepipe.pipeline.stream import decoded_radiographs
+
+    # Films are decoded and their pixels checked (check_film) in a thread ahead of the model, as kneepipe run does.
+    stream = decoded_radiographs(
+        paths, config.max_side, 2 * config.batch, prepare=detector.check_film, max_pixels=config.max_pixels
+    )
+    with bar, closing(stream):
         task = bar.add_task("detecting knee joints", total=len(paths))
-        for start in range(0, len(paths), config.batch):
-            batch_paths = paths[start : start + config.batch]
-            radiographs, detections = [], {}
-            for path in batch_paths:
-                try:
-                    radiographs.append(read_radiograph(path, max_side=config.max_side, max_pixels=config.max_pixels))
-                except ImageReadError as err:
-                    detections[path] = Detection(path, (), STATUS_ERROR, err.reason)
-            for radiograph, detection in zip(radiographs, detect_radiographs(detector, radiographs), strict=True):
+        while step := list(itertools.islice(stream, config.batch)):
+            batch_paths = [path for path, _, _ in step]
+            radiographs, checks, detections = [], [], {}
+            for path, item, check in step:
+                if isinstance(item, ImageReadError):
+                    detections[path] = Detection(path, (), STATUS_ERROR, item.reason)
+                else:
+                    radiographs.append(item)
+                    checks.append(check)
+            found = detect_radiographs(detector, radiographs, checks)
+            for radiograph, detection in zip(radiographs, found, strict=True):
                 notes = [detection.message, *radiograph.notes]
                 if radiograph.path in outside:
                     notes.append("read through a link to a file outside the input folder")
