@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "kneepipe"
 # Each layer may import itself and the layers before it, never one after it.
 LAYERS = [
     {"kneepipe", "kneepipe.joints", "kneepipe.files", "kneepipe.config", "kneepipe.runtime", "kneepipe.metrics"},
-    {"kneepipe.imaging"},
+    {"kneepipe.imaging", "kneepipe.decoding"},
     {"kneepipe.detect", "kneepipe.grade", "kneepipe.audit"},
     {"kneepipe.pipeline"},
     {"kneepipe.training", "kneepipe.serve", "kneepipe.dicom"},

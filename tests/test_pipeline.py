@@ -24,13 +24,13 @@ from conftest import ANNOTATIONS
 from dicom_files import make_dicom, save_dicom
 from typer.testing import CliRunner
 
+from kneepipe import decoding as stream
 from kneepipe.cli import app
 from kneepipe.cli_common import EXIT_CONFIG, EXIT_FILE_ERRORS, EXIT_OK
 from kneepipe.config import load_config
 from kneepipe.detect.config import DetectConfig
 from kneepipe.detect.evaluate import box_iou, read_annotations
 from kneepipe.grade.config import GradeConfig
-from kneepipe.pipeline import stream
 from kneepipe.pipeline.commands import split_overrides
 from kneepipe.pipeline.config import PipelineConfig
 from kneepipe.pipeline.evaluate import LabelledKnee, end_to_end_metrics, match_labels, read_labels

@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 
 from kneepipe.config import save_config
+from kneepipe.decoding import decoded_radiographs
 from kneepipe.detect.config import DetectConfig
 from kneepipe.detect.framing import crop_joint, square_box
 from kneepipe.detect.orientation import Orientation, bone_orientation
@@ -1058,8 +1059,6 @@ def detect_folder(
         transient=True,
         disable=not progress or len(paths) <= 1,
     )
-    from kneepipe.pipeline.stream import decoded_radiographs
-
     # Films are decoded and their pixels checked (check_film) in a thread ahead of the model, as kneepipe run does.
     stream = decoded_radiographs(
         paths, config.max_side, 2 * config.batch, prepare=detector.check_film, max_pixels=config.max_pixels

@@ -45,6 +45,7 @@ import numpy as np
 
 from kneepipe import __version__
 from kneepipe.config import save_config, to_dict
+from kneepipe.decoding import decoded_radiographs
 from kneepipe.detect.predict import Detector, FilmChecks, JointDetector, detect_radiographs
 from kneepipe.files import file_digest, output_keys, write_atomic
 from kneepipe.imaging import ImageReadError, InputListing, Radiograph, list_inputs, read_radiograph
@@ -71,7 +72,6 @@ from kneepipe.pipeline.state import (
     relative_name,
     repair_journal,
 )
-from kneepipe.pipeline.stream import decoded_radiographs
 
 if TYPE_CHECKING:
     from kneepipe.detect.config import DetectConfig
