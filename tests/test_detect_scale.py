@@ -211,16 +211,17 @@ def test_a_tilted_film_is_detected_straightened(detector, reference):
         assert min(_found(detection, boxes)) >= 0.5, degrees
 
 
-@pytest.mark.parametrize("name", ["stage_1_3.jpg", "stage_2_2.jpg"])
+@pytest.mark.parametrize("name", ["stage_1_3.jpg", "stage_2_2.jpg", "arthritis_5.jpg"])
 def test_a_slightly_tilted_film_is_also_looked_at_straightened(name, detector, reference):
-    # Tilted by 10 degrees their edges read 11.8 and 5.2 degrees, too little to straighten outright
+    # Tilted by 10 degrees their edges read 11.8, 5.2 and 12.9 degrees, too little to straighten outright
     # (upright films read up to 12.1): the first look finds the upper knee only, the straightened look
     # adds the lower one. On stage_2_2 the first look's box of the upper knee is too loose for the
-    # lower knee to pass as its partner, so the two looks are pooled look by look (pool_looks).
+    # lower knee to pass as its partner, so the two looks are pooled look by look (pool_looks). On
+    # arthritis_5 the first look also returns two faint boxes (0.08-0.09) that are not its other knee.
     films = detect_scales.load_films()
     knees = [box for _, box in reference[name]]
     film, boxes = detect_scales.tilt_film(films[name], knees, -10)
-    assert len(detector.predict_boxes([film])[0]) == 1
+    assert int((detector.predict_boxes([film])[0][:, 4] >= 0.25).sum()) == 1
     detection = detector.detect([_film(film, "tilted.png")])[0]
     assert "film tilted" not in detection.message  # crops cut from the film as stored
     assert min(_found(detection, boxes)) >= 0.5

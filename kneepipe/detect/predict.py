@@ -101,6 +101,10 @@ among the shared radiographs, and single knees cut from them, read within 12.1 d
 SEARCH_TILT = 5.0
 """A searched film whose edges lean by at least this many degrees (less than ``STRAIGHTEN_TILT``) is also
 looked at straightened."""
+LEANING_FOUND = 0.25
+"""A leaning film is also looked at straightened when its first pass found one joint from this confidence
+(the default ``review_conf``): fainter boxes beside it (0.08-0.09 on ``arthritis_5.jpg`` tilted by -10
+degrees, neither of them its other knee) do not count as a second joint."""
 TALL_FILM = 2.0
 """A portrait film at least this many times as tall as wide (a full-leg film, hip to ankle) whose first
 pass found no joint from ``WINDOW_BELOW`` is also looked at in square windows down its length. The
@@ -556,7 +560,7 @@ class JointDetector:
                 for i, film, rows in zip(upright, films, results, strict=True)
                 if i not in views
                 and abs(orientations[i].tilt) >= SEARCH_TILT
-                and len(rows) == 1
+                and int((rows[:, 4] >= LEANING_FOUND).sum()) == 1
                 and self.config.max_det >= 2
                 and _room_beside(rows[0], film.shape[1])
             }
@@ -748,7 +752,7 @@ class JointDetector:
 
         The model learnt knees standing upright. A film leaning by ``SEARCH_TILT`` degrees or
         more, too little to be straightened outright (``STRAIGHTEN_TILT``: upright films can
-        read that much), on which one joint was found with room for another beside it, is
+        read that much), on which one joint was found (from ``LEANING_FOUND``) with room for another beside it, is
         looked at straightened too (one model call for all of them), and :meth:`detect` pools
         the two looks: the second knee of a tilted bilateral film sits lower than the first
         and is missed upright more often than straightened.
