@@ -575,7 +575,7 @@ class JointDetector:
                 read = self.view_classifier.film_input
                 made = [checked[i].view_input for i in upright]
                 inputs = [read(contents[i][0]) if x is None else x for i, x in zip(upright, made, strict=True)]
-                kinds = list(self.view_classifier.probabilities([], inputs))
+                kinds = list(self.view_classifier.input_probabilities(inputs))
             for at, (film, rows, kind) in enumerate(zip(films, results, kinds, strict=True)):
                 if self.wants_windows(film, rows, kind):
                     results[at] = self.window_boxes(film, rows)

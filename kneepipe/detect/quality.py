@@ -392,13 +392,12 @@ class ViewClassifier:
         """What the classifier reads of a film: the film letterboxed to :attr:`size` (pixel work only)."""
         return letterbox(film, self.size)
 
-    def probabilities(self, films: Sequence[np.ndarray], inputs: Sequence[np.ndarray] | None = None) -> np.ndarray:
-        """Each film's probability of each class (rows sum to 1, columns in :attr:`classes` order).
+    def probabilities(self, films: Sequence[np.ndarray]) -> np.ndarray:
+        """Each film's probability of each class (rows sum to 1, columns in :attr:`classes` order)."""
+        return self.input_probabilities([self.film_input(film) for film in films])
 
-        ``inputs``: the films' :meth:`film_input`, when already made (``films`` is then not read).
-        """
-        if inputs is None:
-            inputs = [self.film_input(film) for film in films]
+    def input_probabilities(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
+        """:meth:`probabilities` of films whose :meth:`film_input` is already made."""
         if not len(inputs):
             return np.empty((0, len(self.classes)))
         features = boxed_features(self.backbone, inputs, self.layers)
