@@ -20,7 +20,8 @@ without forgetting what they learned); what is fitted is what the sample support
 Its figures are honest: stratified k-fold cross-validation on the sample, where every
 fold fits the head (and the statistics) on its training part only and grades its held-back part, so no
 knee is graded by a head or statistics that saw it. Before (the shipped grader) and
-after (the out-of-fold grades) come with bootstrap 95% intervals.
+after (the out-of-fold grades) come with bootstrap 95% intervals. With the statistics as
+trained, a crop's features are the same in every fold, so they are extracted once.
 """
 
 from __future__ import annotations
@@ -166,16 +167,31 @@ def stratified_folds(grades: np.ndarray, groups: np.ndarray, folds: int, seed: i
     return list(StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(grades, grades, groups))
 
 
-def _features(grader, crops: np.ndarray, layers: Sequence[str], mirror: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """Pooled features of every block (concatenated), and of the mirrored crops when asked."""
+@dataclass(frozen=True)
+class SampleFeatures:
+    """Pooled features of every block of some crops (concatenated), of their mirror images when asked,
+    and how many of the columns, at the end, belong to the last block (the shift reference's)."""
+
+    plain: np.ndarray
+    mirrored: np.ndarray | None
+    last_block: int
+
+    def rows(self, index: np.ndarray) -> SampleFeatures:
+        """The features of the crops at ``index``."""
+        mirrored = None if self.mirrored is None else self.mirrored[index]
+        return SampleFeatures(self.plain[index], mirrored, self.last_block)
+
+
+def _features(grader, crops: np.ndarray, layers: Sequence[str], mirror: bool) -> SampleFeatures:
+    """Pooled features of every block of ``crops`` (and of the mirrored crops when asked)."""
     model = pooled_feature_model(grader.model, layers)
     x = grader.prepare(crops)
-    plain = np.concatenate(pooled_features(model, x), axis=1)
+    blocks = pooled_features(model, x)
     mirrored = np.concatenate(pooled_features(model, x[:, :, ::-1]), axis=1) if mirror else None
-    return plain, mirrored
+    return SampleFeatures(np.concatenate(blocks, axis=1), mirrored, blocks[-1].shape[1])
 
 
-def _fit_head(features, mirrored, grades, groups, layers, settings: AdaptSettings) -> FittedHead:
+def _fit_head(found: SampleFeatures, grades, groups, layers, settings: AdaptSettings) -> FittedHead:
     """Standardise, choose C and the decision rule by the QWK of an inner stratified 3-fold CV, fit.
 
     On one BLAS thread: these small dense problems run many times faster than with threads that
@@ -184,7 +200,7 @@ def _fit_head(features, mirrored, grades, groups, layers, settings: AdaptSetting
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1):
-        return _fit_head_threads(features, mirrored, grades, groups, layers, settings)
+        return _fit_head_threads(found.plain, found.mirrored, grades, groups, layers, settings)
 
 
 def _fit_head_threads(features, mirrored, grades, groups, layers, settings: AdaptSettings) -> FittedHead:
@@ -237,12 +253,11 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return p / p.sum(axis=1, keepdims=True)
 
 
-def _fit_site(grader, crops, grades, groups, layers, settings: AdaptSettings) -> FittedHead:
-    """Fit a site head (and statistics, if asked) on one set of crops; leaves the statistics adapted to them."""
+def _with_statistics(grader, original, crops: np.ndarray, settings: AdaptSettings) -> None:
+    """Put back the grader's trained batch-norm statistics, then re-estimate them on ``crops`` if asked."""
+    set_batch_norm_statistics(grader.model, original)
     if settings.adapt_batch_norm:
         reestimate_batch_norm(grader.model, grader.prepare(crops), seed=settings.seed)
-    features, mirrored = _features(grader, crops, layers, settings.mirror)
-    return _fit_head(features, mirrored, grades, groups, layers, settings)
 
 
 def bootstrap_interval(true, predicted, metric: Callable, resamples: int, seed: int) -> tuple[float, float]:
@@ -287,6 +302,8 @@ def adapt_grader(
     ``grader`` is modified (its batch-norm statistics end adapted to the sample). Returns
     the facts written into the site grader file and its model card.
     """
+    from kneepipe.grade.shift import ShiftReference
+
     started = time.monotonic()
     progress = progress or (lambda step, done, total: None)
     layers = block_layers(grader.model)
@@ -301,21 +318,36 @@ def adapt_grader(
     chosen = []
     groups = copy_groups(sample.crops)
     splits = stratified_folds(grades, groups, settings.folds, settings.seed)
+    everything = np.arange(len(grades))
+    # With the statistics as trained a crop's features do not depend on the fold: extract them once.
+    fixed = None
+    if not settings.adapt_batch_norm:
+        progress("features of every block", 0, 1)
+        fixed = _features(grader, sample.crops, layers, settings.mirror)
+        progress("features of every block", 1, 1)
+
+    def features_of(index: np.ndarray) -> SampleFeatures:
+        """The features of the crops at ``index``, with the batch-norm statistics the grader has now."""
+        if fixed is not None:
+            return fixed.rows(index)
+        return _features(grader, sample.crops[index], layers, settings.mirror)
+
     for k, (train, held) in enumerate(splits):
         progress("cross-validation", k, len(splits))
-        set_batch_norm_statistics(grader.model, original)
-        fitted = _fit_site(grader, sample.crops[train], grades[train], groups[train], layers, settings)
+        _with_statistics(grader, original, sample.crops[train], settings)
+        fitted = _fit_head(features_of(train), grades[train], groups[train], layers, settings)
         chosen.append((fitted.regularisation, fitted.decision))
-        features, mirrored = _features(grader, sample.crops[held], layers, settings.mirror)
-        logits = fitted.head.site_logits([features], None if mirrored is None else [mirrored])
+        found = features_of(held)
+        logits = fitted.head.site_logits([found.plain], None if found.mirrored is None else [found.mirrored])
         out_of_fold[held] = decide_grades(_softmax(logits), fitted.decision)
     progress("cross-validation", len(splits), len(splits))
 
     progress("fitting the site grader on the whole sample", 0, 1)
-    set_batch_norm_statistics(grader.model, original)
-    fitted = _fit_site(grader, sample.crops, grades, groups, layers, settings)
+    _with_statistics(grader, original, sample.crops, settings)
+    found = features_of(everything)
+    fitted = _fit_head(found, grades, groups, layers, settings)
     head = fitted.head
-    reference = site_reference(grader, head, sample.crops)
+    reference = ShiftReference.from_features(found.plain[:, -found.last_block :], f"site sample: {len(grades)} crops")
     progress("fitting the site grader on the whole sample", 1, 1)
 
     facts = {
@@ -347,15 +379,6 @@ def adapt_grader(
     }
     write_site_grader(grader, head, reference, facts, out)
     return facts
-
-
-def site_reference(grader, head: LinearHead, crops: np.ndarray):
-    """The site sample's feature statistics: the shift score of later batches compares against them."""
-    from kneepipe.grade.shift import ShiftReference
-
-    model = pooled_feature_model(grader.model, [head.layers[-1]])
-    (pooled,) = pooled_features(model, grader.prepare(crops))
-    return ShiftReference.from_features(pooled, f"site sample: {len(crops)} crops")
 
 
 def write_site_grader(grader, head: LinearHead, reference, facts: dict[str, Any], out: str | Path) -> Path:
