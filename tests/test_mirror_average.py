@@ -43,7 +43,7 @@ def test_mirror_average_always_is_set_from_the_config(val_crops):
 @pytest.mark.slow
 def test_a_batch_graded_with_its_own_statistics_is_mirror_averaged_unless_told_not_to(shared_data):
     """Another clinic's knees warn, so they are graded with batch statistics; ``auto`` mirror-averages them
-    there (the shipped default is ``never``)."""
+    there (the shipped default)."""
     paths, grades = labelled_files(shared_data / "clinic-kl" / "dev")
     clinic = load_crops(paths[::3], grades[::3]).crops  # 111 knees: above batch_norm_min_crops
     grader = Grader.load(runtime="openvino")

@@ -12,6 +12,7 @@ Two tools serve site adaptation and the shift score:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -66,18 +67,33 @@ def batch_norm_layers(model) -> list:
     return [layer for layer in backbone_of(model).layers if isinstance(layer, keras.layers.BatchNormalization)]
 
 
+def content_key(pixels: np.ndarray) -> int:
+    """A 64-bit digest of an array's values: the same pixels give the same key, wherever they come from."""
+    return int.from_bytes(hashlib.blake2b(np.ascontiguousarray(pixels).tobytes(), digest_size=8).digest(), "big")
+
+
+def content_order(images: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+    """Indices that put ``images`` in the order of their :func:`content_key`: the same images come out
+    in the same order whichever order they came in, and the first k are a fair random sample of them."""
+    keys = [content_key(image) for image in images]
+    return np.array(sorted(range(len(keys)), key=keys.__getitem__), dtype=int)
+
+
 def reestimate_batch_norm(model, x: np.ndarray, batch_size: int = 32, seed: int = 0) -> None:
     """Set each batch-norm layer's moving statistics to those of ``x`` (network input), in place.
 
     Each layer sees the activations of the layers before it with their statistics already
     re-estimated, as in a forward pass in training mode; the weights are not changed.
     The running mean over batches uses momentum ``1 - 1/k`` at the k-th batch, which makes
-    the moving statistics the plain average of the batch statistics.
+    the moving statistics the plain average of the batch statistics. The batches are drawn in
+    an order set by ``seed`` and the crops' pixels (:func:`content_order`), not by the order the
+    crops come in: the same crops give the same statistics, so a batch grades the same however
+    its files are named or listed.
     """
     layers = batch_norm_layers(model)
     backbone = backbone_of(model)
     scale = model.get_layer("scale")
-    order = np.random.default_rng(seed).permutation(len(x))
+    order = content_order(x)[np.random.default_rng(seed).permutation(len(x))]
     momenta = [layer.momentum for layer in layers]
     try:
         for k, start in enumerate(range(0, len(x), batch_size), start=1):

@@ -8,6 +8,8 @@ gets ``status=error`` with the reason; the batch goes on.
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,7 +22,7 @@ from kneepipe.config import save_config
 from kneepipe.files import write_csv_atomic
 from kneepipe.grade.config import GradeConfig
 from kneepipe.grade.data import fit_crop, grade_from_path
-from kneepipe.grade.features import statistics_of
+from kneepipe.grade.features import content_key, content_order, statistics_of
 from kneepipe.grade.model import decide_grades
 from kneepipe.imaging import ImageReadError, list_inputs, read_radiograph
 from kneepipe.metrics import grading_metrics
@@ -250,10 +252,11 @@ def grade_crops(grader, crops, config: GradeConfig) -> tuple[np.ndarray, dict[st
 
 
 def grade_with_batch_statistics(grader, crops, config: GradeConfig) -> tuple[np.ndarray, str]:
-    """Logits of ``crops`` under batch-norm statistics re-estimated on them (a random sample of a larger
-    batch), averaged with their mirror images' unless ``mirror_average: never``, and how, for the
-    outputs; the grader keeps its own statistics afterwards."""
-    pick = np.random.default_rng(config.seed).permutation(len(crops))[:BATCH_NORM_SAMPLE]
+    """Logits of ``crops`` under batch-norm statistics re-estimated on them (of a larger batch, the
+    :data:`BATCH_NORM_SAMPLE` crops first in :func:`content_order`: a random sample that does not
+    depend on the crops' order), averaged with their mirror images' unless ``mirror_average: never``,
+    and how, for the outputs; the grader keeps its own statistics afterwards."""
+    pick = content_order(crops)[:BATCH_NORM_SAMPLE]
     with _batch_statistics(grader, [crops[i] for i in pick], config) as note:
         logits = grader.predict_logits(crops, config.batch)
     return logits, note
@@ -276,14 +279,14 @@ BATCH_NORM_SAMPLE = 1024
 
 def _grade_files(files, root: Path, grader, config: GradeConfig, progress):
     """Read and grade ``files`` in batches: rows, indices of graded rows, logits, pooled features, and a
-    random sample of up to :data:`BATCH_NORM_SAMPLE` crops (for batch-norm statistics)."""
+    random sample of up to :data:`BATCH_NORM_SAMPLE` crops (for batch-norm statistics): those with the
+    lowest :func:`content_key`, so the same files give the same sample in any order."""
     rows: list[dict[str, Any]] = []
     graded_index: list[int] = []
     logits: list[np.ndarray] = []
     features: list[np.ndarray] = []
-    sample: list[np.ndarray] = []
-    rng = np.random.default_rng(config.seed)
-    seen = 0
+    kept: list[tuple[int, int, np.ndarray]] = []  # (-key, arrival, crop): a heap whose top has the highest key
+    arrivals = itertools.count()  # breaks ties between identical crops, which are interchangeable
     for start in range(0, len(files), config.batch):
         batch_crops = []
         for path in files[start : start + config.batch]:
@@ -304,13 +307,11 @@ def _grade_files(files, root: Path, grader, config: GradeConfig, progress):
             batch_logits, batch_features = grader.predict_with_features(batch_crops, batch_size=config.batch)
             logits.append(batch_logits)
             features.append(batch_features)
-            for crop in batch_crops:  # reservoir sampling: every crop equally likely to be kept
+            for crop in batch_crops:  # the crops with the lowest keys: a random sample, whatever the order
                 crop = fit_crop(crop, grader.preprocessing.crop_size)
-                if len(sample) < BATCH_NORM_SAMPLE:
-                    sample.append(crop)
-                elif (slot := rng.integers(0, seen + 1)) < BATCH_NORM_SAMPLE:
-                    sample[slot] = crop
-                seen += 1
+                heapq.heappush(kept, (-content_key(crop), next(arrivals), crop))
+                if len(kept) > BATCH_NORM_SAMPLE:
+                    heapq.heappop(kept)
         if progress:
             progress(min(start + config.batch, len(files)), len(files))
     units = 5 if grader.preprocessing.head == "softmax" else 4
@@ -319,7 +320,7 @@ def _grade_files(files, root: Path, grader, config: GradeConfig, progress):
         graded_index,
         np.concatenate(logits) if logits else np.empty((0, units), np.float32),
         np.concatenate(features) if features else np.empty((0, 0), np.float32),
-        sample,
+        [crop for _, _, crop in kept],
     )
 
 
