@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import io
 import time
 from collections.abc import Callable, Sequence
@@ -42,6 +41,7 @@ from kneepipe.grade.data import KL_GRADES, fit_crop, labelled_files
 from kneepipe.grade.features import (
     batch_norm_statistics,
     block_layers,
+    content_key,
     pooled_feature_model,
     pooled_features,
     reestimate_batch_norm,
@@ -154,8 +154,8 @@ class FittedHead:
 
 def copy_groups(crops: np.ndarray) -> np.ndarray:
     """One group id per distinct crop: identical crops (a knee listed twice) share it."""
-    ids: dict[bytes, int] = {}
-    return np.array([ids.setdefault(hashlib.sha256(crop.tobytes()).digest(), len(ids)) for crop in crops])
+    ids: dict[int, int] = {}
+    return np.array([ids.setdefault(content_key(crop), len(ids)) for crop in crops])
 
 
 def stratified_folds(grades: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> list[tuple]:
@@ -318,7 +318,6 @@ def adapt_grader(
     chosen = []
     groups = copy_groups(sample.crops)
     splits = stratified_folds(grades, groups, settings.folds, settings.seed)
-    everything = np.arange(len(grades))
     # With the statistics as trained a crop's features do not depend on the fold: extract them once.
     fixed = None
     if not settings.adapt_batch_norm:
@@ -344,7 +343,7 @@ def adapt_grader(
 
     progress("fitting the site grader on the whole sample", 0, 1)
     _with_statistics(grader, original, sample.crops, settings)
-    found = features_of(everything)
+    found = fixed if fixed is not None else _features(grader, sample.crops, layers, settings.mirror)
     fitted = _fit_head(found, grades, groups, layers, settings)
     head = fitted.head
     reference = ShiftReference.from_features(found.plain[:, -found.last_block :], f"site sample: {len(grades)} crops")
