@@ -12,7 +12,8 @@ resampled to the grade counts 63/199/139/84/46 (a pure label shift; three seeds)
   in place of the training one by Bayes' rule: what a perfect label-shift estimate would
   give, a bound on ``--adapt-prior`` rather than a method;
 * with ``--adapt``: ``kneepipe adapt`` on the batch as the site sample, out-of-fold figures
-  of ``--folds``-fold cross-validation (minutes per batch).
+  of ``--folds``-fold cross-validation on its first fold split, and each split's with their
+  mean over its three fold splits (minutes per batch).
 
     python benchmarks/clinic_transfer.py [--model FILE] [--adapt] [--folds 5]
         [--sets clinic,val,resample] [--seeds 0,1,2] [--mirror-average never|auto|always]
@@ -116,8 +117,11 @@ def _adapt_row(args, label: str, paths: list[Path], truth: np.ndarray) -> None:
     with tempfile.TemporaryDirectory() as folder:
         facts = adapt_grader(grader, sample, Path(folder) / "site.npz", AdaptSettings(folds=args.folds))
     after = facts["cross_validation"]["after"]
+    splits = facts["cross_validation"]["splits"]
     note = (
         f"{args.folds}-fold CV, 95% CI accuracy {after['accuracy_ci95']}, QWK {after['qwk_ci95']}; "
+        f"over fold splits {splits['seeds']}: accuracy {splits['accuracy']} (mean {splits['accuracy_mean']:.3f}), "
+        f"QWK {splits['qwk']} (mean {splits['qwk_mean']:.3f}); "
         f"C {facts['method']['regularisation_C']}; {(time.monotonic() - started) / 60:.1f} min"
     )
     print(

@@ -125,6 +125,9 @@ def adapt(
     out: Annotated[Path, typer.Option("--out", "-o", help="The site grader file to write (.npz); a card goes beside.")],
     model: Annotated[str | None, typer.Option("--model", help="The grader to adapt; default: the shipped one.")] = None,
     folds: Annotated[int, typer.Option(help="Cross-validation folds for the measured figures.", min=2, max=20)] = 5,
+    repeats: Annotated[
+        int, typer.Option(help="Fold splits the cross-validation is repeated over (their mean is reported).", min=1)
+    ] = 3,
     batch_norm: Annotated[
         bool, typer.Option("--batch-norm/--no-batch-norm", help="Also re-estimate batch-norm statistics on the site.")
     ] = False,
@@ -160,7 +163,7 @@ def adapt(
         fail(f"cannot load the grader: {err}")
     if grader.is_site_grader:
         fail(f"{grader.path}: already a site grader; adapt the grader it was made from")
-    settings = AdaptSettings(folds=folds, adapt_batch_norm=batch_norm, seed=seed)
+    settings = AdaptSettings(folds=folds, repeats=repeats, adapt_batch_norm=batch_norm, seed=seed)
     try:
         sample = load_sample(labelled, grader.preprocessing.crop_size, folds)
     except SampleError as err:
@@ -190,6 +193,12 @@ def adapt(
             f"  {name:6s} accuracy {f['accuracy']:.3f} [{f['accuracy_ci95'][0]:.3f}, {f['accuracy_ci95'][1]:.3f}]  "
             f"QWK {f['qwk']:.3f} [{f['qwk_ci95'][0]:.3f}, {f['qwk_ci95'][1]:.3f}]  MAE {f['mae']:.3f}  "
             f"predicted KL0-4 {f['predicted_counts']} (true {f['true_counts']})"
+        )
+    splits = cv["splits"]
+    if len(splits["seeds"]) > 1:
+        console.print(
+            f"  after, over {len(splits['seeds'])} fold splits: accuracy {splits['accuracy']} "
+            f"(mean {splits['accuracy_mean']:.3f}), QWK {splits['qwk']} (mean {splits['qwk_mean']:.3f})"
         )
     console.print(
         f"site grader -> {escape(str(out))}, card -> {escape(str(out.with_suffix('.md')))} ({facts['minutes']} min)",
