@@ -118,3 +118,39 @@ def test_a_grader_for_crops_framed_otherwise_is_refused_by_the_pipeline(tiny_gra
     grader.preprocessing = dataclasses.replace(grader.preprocessing, framing="whole leg, 512 px")
     with pytest.raises(ValueError, match="expects crops framed as 'whole leg, 512 px'"):
         check_models(Detector(), grader)
+
+
+@pytest.mark.slow
+def test_adapt_with_batch_norm_fits_the_site_grader_on_the_whole_samples_statistics(
+    tiny_grader_file, oai_dir, tmp_path
+):
+    """``kneepipe adapt --batch-norm``: every fold of every split re-estimates the statistics on its
+    own training part; the site grader written at the end carries those of the whole sample."""
+    from kneepipe.grade.adapt import AdaptSettings, Sample, adapt_grader
+    from kneepipe.grade.data import fit_crop, labelled_files
+    from kneepipe.grade.features import batch_norm_statistics, reestimate_batch_norm
+
+    paths, grades = labelled_files(oai_dir / "val")
+    picked = [i for g in range(5) for i in [j for j, grade in enumerate(grades) if grade == g][:20]]
+    grader = Grader.load(tiny_grader_file)
+    size = grader.preprocessing.crop_size
+    crops = np.stack([fit_crop(cv2.imread(str(paths[i]), cv2.IMREAD_GRAYSCALE), size) for i in picked])
+    sample = Sample([paths[i] for i in picked], np.array([grades[i] for i in picked]), crops)
+    trained = batch_norm_statistics(grader.model)
+
+    settings = AdaptSettings(folds=2, repeats=2, adapt_batch_norm=True, regularisation=(0.01,), bootstrap=20)
+    facts = adapt_grader(grader, sample, tmp_path / "site.npz", settings)
+    assert facts["method"]["batch_norm"].startswith("re-estimated")
+    assert facts["cross_validation"]["splits"]["seeds"] == [0, 1]
+
+    expected = Grader.load(tiny_grader_file)
+    reestimate_batch_norm(expected.model, expected.prepare(crops), seed=0)
+    site = Grader.load(tmp_path / "site.npz")
+    assert site.is_site_grader
+    moved = 0
+    for got, want, before in zip(
+        batch_norm_statistics(site.model), batch_norm_statistics(expected.model), trained, strict=True
+    ):
+        np.testing.assert_allclose(got[2:], want[2:], rtol=2e-3, atol=2e-3)  # moving mean and variance (float16 file)
+        moved += not np.allclose(got[2:], before[2:], rtol=1e-2, atol=1e-2)
+    assert moved > 0  # the sample's statistics are not the trained ones
