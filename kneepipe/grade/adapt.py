@@ -23,7 +23,8 @@ knee is graded by a head or statistics that saw it. Before (the shipped grader) 
 after (the out-of-fold grades) come with bootstrap 95% intervals. With a few hundred knees
 the figure also depends on how the knees fall into folds (on another clinic's 332 knees, by
 a point or more of accuracy), so the cross-validation is repeated over several fold splits
-and their mean and range are reported beside the first split's figures. With the statistics
+and each split's accuracy and QWK, and their mean, are reported beside the first split's
+figures. With the statistics
 as trained, a crop's features are the same in every fold, so they are extracted once.
 """
 
