@@ -24,8 +24,8 @@ after (the out-of-fold grades) come with bootstrap 95% intervals. With a few hun
 the figure also depends on how the knees fall into folds (on another clinic's 332 knees, by
 a point or more of accuracy), so the cross-validation is repeated over several fold splits
 and each split's accuracy and QWK, and their mean, are reported beside the first split's
-figures. With the statistics
-as trained, a crop's features are the same in every fold, so they are extracted once.
+figures. With the statistics as trained, a crop's features are the same in every fold, so
+they are extracted once.
 """
 
 from __future__ import annotations
@@ -278,18 +278,23 @@ def bootstrap_interval(true, predicted, metric: Callable, resamples: int, seed: 
     return round(float(low), 3), round(float(high), 3)
 
 
+def _accuracy(true: np.ndarray, predicted: np.ndarray) -> float:
+    return float(np.mean(true == predicted))
+
+
+def _qwk(true: np.ndarray, predicted: np.ndarray) -> float:
+    from sklearn.metrics import cohen_kappa_score
+
+    return float(cohen_kappa_score(true, predicted, weights="quadratic", labels=list(KL_GRADES)))
+
+
 def figures(true: np.ndarray, predicted: np.ndarray, settings: AdaptSettings) -> dict[str, Any]:
     """Accuracy and QWK with bootstrap 95% intervals, MAE, and true vs predicted counts."""
-    from sklearn.metrics import accuracy_score, cohen_kappa_score
-
-    def qwk(a, b):
-        return cohen_kappa_score(a, b, weights="quadratic", labels=list(KL_GRADES))
-
     return {
-        "accuracy": round(float(accuracy_score(true, predicted)), 3),
-        "accuracy_ci95": bootstrap_interval(true, predicted, accuracy_score, settings.bootstrap, settings.seed),
-        "qwk": round(float(qwk(true, predicted)), 3),
-        "qwk_ci95": bootstrap_interval(true, predicted, qwk, settings.bootstrap, settings.seed),
+        "accuracy": round(_accuracy(true, predicted), 3),
+        "accuracy_ci95": bootstrap_interval(true, predicted, _accuracy, settings.bootstrap, settings.seed),
+        "qwk": round(_qwk(true, predicted), 3),
+        "qwk_ci95": bootstrap_interval(true, predicted, _qwk, settings.bootstrap, settings.seed),
         "mae": round(float(np.abs(true - predicted).mean()), 3),
         "true_counts": np.bincount(true, minlength=5).tolist(),
         "predicted_counts": np.bincount(predicted, minlength=5).tolist(),
@@ -299,11 +304,8 @@ def figures(true: np.ndarray, predicted: np.ndarray, settings: AdaptSettings) ->
 def split_spread(true: np.ndarray, out_of_fold: np.ndarray, seeds: Sequence[int]) -> dict[str, Any]:
     """Accuracy and QWK of the out-of-fold grades of each fold split (one row of ``out_of_fold``
     per seed): each split's, and their mean."""
-    from sklearn.metrics import accuracy_score, cohen_kappa_score
-
-    accuracy = [float(accuracy_score(true, grades)) for grades in out_of_fold]
-    labels = list(KL_GRADES)
-    qwk = [float(cohen_kappa_score(true, grades, weights="quadratic", labels=labels)) for grades in out_of_fold]
+    accuracy = [_accuracy(true, grades) for grades in out_of_fold]
+    qwk = [_qwk(true, grades) for grades in out_of_fold]
     return {
         "seeds": list(seeds),
         "accuracy": [round(a, 3) for a in accuracy],
