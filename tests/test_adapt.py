@@ -1,5 +1,7 @@
 """Another clinic's real knees: the shift score, site onboarding (`kneepipe adapt`), and its refusals."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -9,7 +11,9 @@ from kneepipe.config import load_config
 from kneepipe.grade.adapt import AdaptSettings, SampleError, adapt_grader, check_sample, load_sample, read_labels
 from kneepipe.grade.config import GradeConfig
 from kneepipe.grade.data import labelled_files, load_crops
+from kneepipe.grade.features import pool_maps
 from kneepipe.grade.folder import grade_crops, use_batch_statistics
+from kneepipe.grade.head import LinearHead
 from kneepipe.grade.predict import Grader
 from kneepipe.grade.shift import ShiftReference, shift_facts, shift_score
 from kneepipe.metrics import grading_metrics
@@ -78,6 +82,10 @@ def test_adapt_improves_the_grader_on_a_held_back_part_of_the_site_sample(clinic
     assert f"{len(sample.grades)} labelled knee crops" in card and "cross-validation" in card
     assert f"Over 3 fold splits (seeds 0, 1, 2), the site grader's accuracy was {splits['accuracy'][0]:.3f}" in card
 
+    # The head reads each block's maximum and average; grading computes the same features.
+    assert LinearHead.read(tmp_path / "site.npz").pooling == ("max", "mean")
+    assert "pooled by max and mean" in facts["method"]["head"]
+
     held = ~train
     truth = clinic.kl_grades[held]
     before = Grader.load()
@@ -101,6 +109,26 @@ def test_adapt_improves_the_grader_on_a_held_back_part_of_the_site_sample(clinic
     assert not use_batch_statistics({"shift_warning": True, "site_grader": True}, len(truth), config)
     assert use_batch_statistics({"shift_warning": True, "site_grader": False}, len(truth), config)
     assert "unlike the site sample" in shift_facts(0.9, len(truth), 0.5, site=True)["shift_note"]
+
+
+def test_block_maps_are_pooled_each_way_in_order_and_the_site_head_keeps_its_pooling(tmp_path):
+    maps = np.arange(2 * 2 * 2 * 3, dtype=np.float32).reshape(2, 2, 2, 3)  # (n, h, w, channels)
+    other = -maps[:, :1]
+    pooled = [np.asarray(p) for p in pool_maps([maps, other], ("max", "mean"))]
+    np.testing.assert_allclose(pooled[0], maps.max(axis=(1, 2)))
+    np.testing.assert_allclose(pooled[1], other.max(axis=(1, 2)))
+    np.testing.assert_allclose(pooled[2], maps.mean(axis=(1, 2)))
+    np.testing.assert_allclose(pooled[3], other.mean(axis=(1, 2)))
+    with pytest.raises(ValueError, match="pooling"):
+        pool_maps([maps], ("median",))
+
+    head = LinearHead(("a", "b"), np.ones((5, 12), np.float32), np.zeros(5, np.float32), np.zeros(12), np.ones(12))
+    pooled_head = dataclasses.replace(head, pooling=("max", "mean"))
+    np.savez(tmp_path / "new.npz", **pooled_head.arrays())
+    assert LinearHead.read(tmp_path / "new.npz").pooling == ("max", "mean")
+    # A site file written before the pooling was recorded pooled by the mean alone.
+    np.savez(tmp_path / "old.npz", **{k: v for k, v in head.arrays().items() if k != "site_pooling"})
+    assert LinearHead.read(tmp_path / "old.npz").pooling == ("mean",)
 
 
 def test_a_sample_too_small_or_missing_a_grade_is_refused_with_what_is_missing(clinic, tmp_path):

@@ -5,11 +5,13 @@ grader into a site grader for that clinic's X-ray systems and framing. The convo
 weights stay as trained on OAI (a few hundred knees cannot re-train 21 million weights
 without forgetting what they learned); what is fitted is what the sample supports:
 
-* **a new head over every block**: the global average of each Xception block's output
-  (entry, middle and exit flow: 11,544 features) is standardised on the sample and a
-  multinomial logistic regression (L2) maps it to the five grades. Texture and edge
-  features of every depth are re-weighted for the new system, where the last layer
-  alone no longer separates the grades. Its strength ``C`` and the decision rule (argmax
+* **a new head over every block**: the global maximum and the global average of each
+  Xception block's output (entry, middle and exit flow: 2 x 11,544 features) are
+  standardised on the sample and a multinomial logistic regression (L2) maps them to the
+  five grades. Texture and edge features of every depth are re-weighted for the new
+  system, where the last layer alone no longer separates the grades; the maximum keeps
+  what is strong in one place only (an osteophyte, a narrowed compartment), which the
+  average over the whole crop dilutes. Its strength ``C`` and the decision rule (argmax
   or median) are chosen together by the QWK of an inner 3-fold CV on the training part.
   Mirrored crops double the sample (left and right knees are mirror images), and a knee's
   logits are the mean of its crop's and its mirror's;
@@ -187,9 +189,14 @@ class SampleFeatures:
         return SampleFeatures(self.plain[index], mirrored, self.last_block)
 
 
+# How the site head pools each block's activation map: the maximum, then the average (last:
+# the last block's average is the grader's feature vector, which the shift reference reads).
+SITE_POOLING = ("max", "mean")
+
+
 def _features(grader, crops: np.ndarray, layers: Sequence[str], mirror: bool) -> SampleFeatures:
     """Pooled features of every block of ``crops`` (and of the mirrored crops when asked)."""
-    model = pooled_feature_model(grader.model, layers)
+    model = pooled_feature_model(grader.model, layers, SITE_POOLING)
     x = grader.prepare(crops)
     blocks = pooled_features(model, x)
     mirrored = np.concatenate(pooled_features(model, x[:, :, ::-1]), axis=1) if mirror else None
@@ -232,6 +239,7 @@ def _fit_head_threads(features, mirrored, grades, groups, layers, settings: Adap
             mean.astype(np.float32),
             scale.astype(np.float32),
             mirror=xm is not None,
+            pooling=SITE_POOLING,
         )
 
     inner = stratified_folds(grades, groups, 3, seed)
@@ -387,8 +395,8 @@ def adapt_grader(
         "base_grader": grader.version,
         "method": {
             "batch_norm": "re-estimated on the sample (AdaBN)" if settings.adapt_batch_norm else "as trained",
-            "head": f"logistic regression over the pooled output of {len(layers)} Xception blocks "
-            f"({head.coef.shape[1]} features), standardised on the sample",
+            "head": f"logistic regression over the output of {len(layers)} Xception blocks, pooled by "
+            f"{' and '.join(head.pooling)} ({head.coef.shape[1]} features), standardised on the sample",
             "regularisation_C": fitted.regularisation,
             "decision": fitted.decision,
             "mirrored_crops": settings.mirror,

@@ -2,8 +2,9 @@
 
 Two tools serve site adaptation and the shift score:
 
-* :func:`pooled_features` runs the backbone once and returns the global average of
-  chosen layers' activations (``(n, channels)`` each), in grader input order;
+* :func:`pooled_features` runs the backbone once and returns the global average (and,
+  when asked, the global maximum) of chosen layers' activations (``(n, channels)`` each),
+  in grader input order;
 * :func:`reestimate_batch_norm` replaces every batch-normalisation layer's moving mean
   and variance by the statistics of a set of crops (AdaBN, Li et al. 2018): the cheapest
   adaptation to another X-ray system, and one that needs no labels.
@@ -40,15 +41,31 @@ def block_layers(model) -> list[str]:
     return [*adds, "block14_sepconv1_act", LAST_LAYER]
 
 
-def pooled_feature_model(model, layers: Sequence[str]):
-    """A Keras model: a crop batch (0-255) -> the global average of each layer in ``layers``."""
+# How a layer's activation map is pooled to one value per channel (see :func:`pool_maps`).
+POOLINGS = ("max", "mean")
+
+
+def pool_maps(maps: Sequence, pooling: Sequence[str] = ("mean",)) -> list:
+    """Activation maps ``(n, h, w, channels)`` -> their global ``pooling`` (``(n, channels)`` each):
+    every map pooled the first way, then every map the next way (backend tensors or arrays)."""
+    ops = import_keras().ops
+    unknown = set(pooling) - set(POOLINGS)
+    if unknown or not pooling:
+        raise ValueError(f"pooling {list(pooling)}: one or more of {', '.join(POOLINGS)}")
+    pool = {"mean": ops.mean, "max": ops.max}
+    return [pool[kind](m, axis=(1, 2)) for kind in pooling for m in maps]
+
+
+def pooled_feature_model(model, layers: Sequence[str], pooling: Sequence[str] = ("mean",)):
+    """A Keras model: a crop batch (0-255) -> the global pooling of each layer in ``layers``
+    (:func:`pool_maps`; keep ``mean`` last where the last output must be the grader's feature vector)."""
     keras = import_keras()
     backbone = backbone_of(model)
     inner = keras.Model(backbone.inputs, [backbone.get_layer(name).output for name in layers])
     crops = keras.Input(shape=model.inputs[0].shape[1:], name="crop")
     outputs = inner(model.get_layer("scale")(crops))
     outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
-    return keras.Model(crops, [keras.ops.mean(o, axis=(1, 2)) for o in outputs])
+    return keras.Model(crops, pool_maps(outputs, pooling))
 
 
 def pooled_features(feature_model, x: np.ndarray, batch_size: int = 32) -> list[np.ndarray]:

@@ -5,7 +5,8 @@ activation. A site grader (``kneepipe adapt``) replaces it by a head over the po
 output of every Xception block, standardised with the site sample's statistics, so that
 a small labelled sample can re-weight texture and edge features of every depth that the
 last layer alone no longer separates on another X-ray system. Its arrays live in the
-grader file (``site_layers``, ``site_mean``, ``site_scale``, ``site_coef``, ``site_intercept``).
+grader file (``site_layers``, ``site_pooling``, ``site_mean``, ``site_scale``, ``site_coef``,
+``site_intercept``); a site file written before ``site_pooling`` existed pools by the mean.
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ from kneepipe.grade.features import LAST_LAYER
 
 @dataclass(frozen=True)
 class LinearHead:
-    """``logits = ((concat(features) - mean) / scale) @ coef.T + intercept``."""
+    """``logits = ((concat(features) - mean) / scale) @ coef.T + intercept``.
+
+    ``features`` are the :attr:`layers`' activation maps pooled each way in :attr:`pooling`, in
+    that order (:func:`~kneepipe.grade.features.pool_maps`).
+    """
 
     layers: tuple[str, ...]
     coef: np.ndarray  # (units, total features)
@@ -29,6 +34,7 @@ class LinearHead:
     mean: np.ndarray | None = None
     scale: np.ndarray | None = None
     mirror: bool = False  # a knee's logits are the mean of its crop's and its mirrored crop's
+    pooling: tuple[str, ...] = ("mean",)
 
     @classmethod
     def of_network(cls, model) -> LinearHead:
@@ -49,6 +55,7 @@ class LinearHead:
                 archive["site_mean"].astype(np.float32),
                 archive["site_scale"].astype(np.float32),
                 bool(archive["site_mirror"]) if "site_mirror" in archive.files else False,
+                tuple(str(kind) for kind in archive["site_pooling"]) if "site_pooling" in archive.files else ("mean",),
             )
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -62,6 +69,7 @@ class LinearHead:
             "site_mean": self.mean.astype(np.float32),
             "site_scale": self.scale.astype(np.float32),
             "site_mirror": np.array(self.mirror),
+            "site_pooling": np.array(self.pooling),
         }
 
     def _standardised(self, features: np.ndarray) -> np.ndarray:
@@ -70,7 +78,7 @@ class LinearHead:
         return (features - self.mean) / self.scale
 
     def logits(self, features: Sequence[np.ndarray]) -> np.ndarray:
-        """Logits from the pooled features of :attr:`layers`, in that order."""
+        """Logits from the pooled features of :attr:`layers` (each way in :attr:`pooling`), in that order."""
         x = np.concatenate([np.asarray(f, dtype=np.float32) for f in features], axis=1)
         return self._standardised(x) @ self.coef.T + self.intercept
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from kneepipe.grade.compiled import CompiledFeatures
 from kneepipe.grade.data import fit_crop, network_input, resize_all
-from kneepipe.grade.features import backbone_of, pooled_feature_model, pooled_features
+from kneepipe.grade.features import backbone_of, pool_maps, pooled_feature_model, pooled_features
 from kneepipe.grade.head import LinearHead
 from kneepipe.grade.model import decide_grades, file_digest, load_grader, probabilities_from_logits
 from kneepipe.runtime import import_keras
@@ -165,7 +165,7 @@ class Grader:
             network = self.compiled
         else:
             if self._feature_model is None:
-                self._feature_model = pooled_feature_model(self.model, self.head.layers)
+                self._feature_model = pooled_feature_model(self.model, self.head.layers, self.head.pooling)
             network = partial(pooled_features, self._feature_model)
         logits, pooled = [], []
         for start in range(0, len(crops), batch_size):
@@ -261,7 +261,7 @@ class Grader:
     def _gradcam_score(self, maps: list, grade: int | None):
         """The score whose gradient Grad-CAM follows: the head's logits on the pooled ``maps``."""
         keras = import_keras()
-        logits = self.head.logits_tensor([keras.ops.mean(m, axis=(1, 2)) for m in maps])
+        logits = self.head.logits_tensor(pool_maps(maps, self.head.pooling))
         if self.preprocessing.head == "softmax":
             target = int(np.argmax(keras.ops.convert_to_numpy(logits[0]))) if grade is None else grade
             return logits[:, target]
