@@ -97,6 +97,30 @@ def test_em_leaves_a_batch_drawn_with_the_training_prior_nearly_alone():
     assert agreement > 0.97
 
 
+def test_pseudo_knees_hold_the_em_estimate_towards_the_training_mix_and_fade_with_the_batch():
+    train_prior = TRAIN_COUNTS / TRAIN_COUNTS.sum()
+    # KL0 and KL1 overlap as they do on real crops (noise 1.0); the batch is the clinic's mix.
+    grades, probabilities = _gaussian_grader(train_prior, 20000, seed=4)
+    clinic = probabilities[resample_to_counts(grades, CLINIC_COUNTS, seed=0)]
+    ml, _ = estimate_prior_em(clinic, train_prior)
+    np.testing.assert_allclose(estimate_prior_em(clinic, train_prior, concentration=0.0)[0], ml)
+    held, _ = estimate_prior_em(clinic, train_prior, concentration=20)
+    # The estimate stays nearer the training mix than the maximum-likelihood one, and the share
+    # that estimate cut hardest (KL0, which overlaps KL1) is cut less.
+    assert np.abs(held - train_prior).sum() < 0.7 * np.abs(ml - train_prior).sum()
+    assert int(np.argmin(ml - train_prior)) == 0 and ml[0] < held[0] < train_prior[0]
+    assert held.sum() == pytest.approx(1.0)
+    # A fixed number of pseudo-knees weighs less in a larger batch of the same mix.
+    larger = probabilities[resample_to_counts(grades, CLINIC_COUNTS * 8, seed=0)]
+    ml_large, _ = estimate_prior_em(larger, train_prior)
+    held_large, _ = estimate_prior_em(larger, train_prior, concentration=20)
+    assert np.abs(held_large - ml_large).max() < np.abs(held - ml).max() / 3
+    # Overwhelming pseudo-knees leave the training mix in place.
+    np.testing.assert_allclose(estimate_prior_em(clinic, train_prior, concentration=1e9)[0], train_prior, atol=1e-5)
+    with pytest.raises(ValueError, match="concentration"):
+        estimate_prior_em(clinic, train_prior, concentration=-1)
+
+
 def test_reweight_with_equal_priors_is_identity_and_follows_bayes_rule():
     _, probabilities = _gaussian_grader(np.full(5, 0.2), 100, seed=6)
     prior = np.array([0.1, 0.4, 0.25, 0.15, 0.1])
@@ -188,8 +212,13 @@ def test_adjust_for_prior_applies_the_em_prior_only_for_a_significant_shift():
     adjusted, facts = adjust_for_prior(probabilities[clinic], train_prior, _prior_config())
     assert facts["prior_test"]["applied"] is True
     assert "shift significant" in prior_summary(facts)
+    assert facts["prior_pseudo_knees"] == 30 and "(MAP, 30 pseudo-knees at the training mix)" in prior_summary(facts)
     accuracy_plain = (probabilities[clinic].argmax(1) == grades[clinic]).mean()
-    assert (adjusted.argmax(1) == grades[clinic]).mean() > accuracy_plain + 0.03
+    assert (adjusted.argmax(1) == grades[clinic]).mean() > accuracy_plain
+    # This grader's neighbouring grades overlap widely, so the pseudo-knees hold most of the gain
+    # back; the maximum-likelihood estimate takes it all.
+    ml, _ = adjust_for_prior(probabilities[clinic], train_prior, _prior_config(adapt_prior_concentration=0))
+    assert (ml.argmax(1) == grades[clinic]).mean() > accuracy_plain + 0.03
     # A known prior is applied as given, with no test.
     given, facts = adjust_for_prior(unshifted, train_prior, _prior_config(adapt_prior=False, prior="1,1,1,1,1"))
     assert "prior_test" not in facts and not np.array_equal(given, unshifted)

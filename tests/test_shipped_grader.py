@@ -65,7 +65,7 @@ def test_prior_guard_declines_on_another_clinic_and_adapts_on_a_label_shift(oai_
     np.testing.assert_array_equal(kept, plain)
 
     val = load_crops(*labelled_files(oai_dir / "val"))
-    shifted = resample_to_counts(val.kl_grades, np.array([63, 199, 139, 84, 46]), seed=SHIFT_SEED)
+    shifted = resample_to_counts(val.kl_grades, np.array([63, 199, 139, 84, 46]), seed=0)
     logits, shift = grade_crops(grader, val.crops[shifted], config)
     assert not shift["shift_warning"]
     plain = grader.probabilities(logits)
@@ -74,7 +74,10 @@ def test_prior_guard_declines_on_another_clinic_and_adapts_on_a_label_shift(oai_
     assert facts["prior_test"]["applied"] is True
     gain = (grader.decide(adapted) == truth).mean() - (grader.decide(plain) == truth).mean()
     assert gain > 0.03, gain
-
-
-# A resample of val on which the shipped grader's EM prior passes the guard (benchmarks/clinic_transfer.py).
-SHIFT_SEED = 2
+    # KL0 is 63 of the 531 knees: the estimate's pseudo-knees keep it predicted. Without them
+    # the maximum-likelihood estimate drives KL0 to no knee at all, and the guard declines it.
+    assert (grader.decide(adapted) == 0).sum() > 0
+    ml_config = load_config(GradeConfig, overrides={"adapt_prior": True, "adapt_prior_concentration": 0})
+    kept, facts = adjust_for_prior(plain, train_prior, ml_config, decision, shift)
+    assert "no knee at KL0" in facts["prior_test"]["declined"]
+    np.testing.assert_array_equal(kept, plain)

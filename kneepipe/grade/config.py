@@ -23,6 +23,7 @@ class GradeConfig:
     adapt_prior: bool
     adapt_prior_alpha: float = field(metadata=rule(range=(0, 1)))
     adapt_prior_max_ratio: float = field(metadata=rule(range=(1, 1000)))
+    adapt_prior_concentration: float = field(metadata=rule(range=(0, 100000)))
     prior: str | None
     shift_warn: float = field(metadata=rule(range=(0, 100)))
     batch_norm: str = field(metadata=rule(choices=["train", "batch", "auto"]))

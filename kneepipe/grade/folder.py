@@ -59,11 +59,13 @@ def adjust_for_prior(
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Regrade with a known prior (``config.prior``) or one estimated by EM (``adapt_prior``).
 
-    The EM estimate is applied only when the likelihood-ratio test rejects the training
-    prior at ``config.adapt_prior_alpha``; otherwise the batch keeps its probabilities,
-    and the facts say so (``prior_test``). It is declined, with the reason, when the
-    batch's shift score warns (``shift``, :func:`batch_shift`: images unlike the training
-    data are not a pure label shift) or when :func:`label_shift_guard` refuses it. A known
+    EM's estimate is held towards the training mix by ``config.adapt_prior_concentration``
+    pseudo-knees (MAP-EM, :func:`~kneepipe.grade.prior.estimate_prior_em`). It is applied
+    only when the likelihood-ratio test rejects the training prior at
+    ``config.adapt_prior_alpha``; otherwise the batch keeps its probabilities, and the facts
+    say so (``prior_test``). It is declined, with the reason, when the batch's shift score
+    warns (``shift``, :func:`batch_shift`: images unlike the training data are not a pure
+    label shift) or when :func:`label_shift_guard` refuses it. A known
     prior is always applied.
     """
     facts: dict[str, Any] = {"train_prior": np.round(train_prior, 4).tolist()}
@@ -75,7 +77,7 @@ def adjust_for_prior(
         prior = parse_prior(config.prior)
         facts["given_prior"] = np.round(prior, 4).tolist()
         return reweight(probabilities, train_prior, prior), facts
-    prior, adjusted = estimate_prior_em(probabilities, train_prior)
+    prior, adjusted = estimate_prior_em(probabilities, train_prior, concentration=config.adapt_prior_concentration)
     statistic, p_value = prior_shift_test(probabilities, train_prior, prior)
     shifted = p_value < config.adapt_prior_alpha
     declined = shifted and (
@@ -83,6 +85,7 @@ def adjust_for_prior(
         or label_shift_guard(probabilities, adjusted, train_prior, prior, config.adapt_prior_max_ratio, decision)
     )
     facts["estimated_prior"] = np.round(prior, 4).tolist()
+    facts["prior_pseudo_knees"] = config.adapt_prior_concentration
     facts["prior_test"] = {
         "statistic": round(statistic, 3),
         "p_value": float(f"{p_value:.4g}"),
@@ -149,6 +152,12 @@ def label_shift_guard(
     return None
 
 
+def _pseudo_knees(priors: dict[str, Any]) -> str:
+    """How the EM estimate was held back, for :func:`prior_summary` (nothing for maximum likelihood)."""
+    pseudo = priors.get("prior_pseudo_knees") or 0
+    return f" (MAP, {pseudo:g} pseudo-knees at the training mix)" if pseudo else ""
+
+
 def prior_summary(priors: dict[str, Any]) -> str | None:
     """One line on how the batch's grade prior was handled, or None when it was not touched."""
     if "given_prior" in priors:
@@ -164,7 +173,8 @@ def prior_summary(priors: dict[str, Any]) -> str | None:
     if test.get("declined"):
         verdict = f"shift significant but not a pure label shift: {test['declined']}"
     return (
-        f"batch prior estimated by EM {priors['estimated_prior']} vs training prior {priors['train_prior']}; "
+        f"batch prior estimated by EM{_pseudo_knees(priors)} {priors['estimated_prior']} vs training prior "
+        f"{priors['train_prior']}; "
         f"likelihood-ratio test on {test['n']} knees: chi2(4) = {test['statistic']}, p = {test['p_value']:.3g} "
         f"(alpha {test['alpha']}): {verdict}"
     )

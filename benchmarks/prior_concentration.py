@@ -1,0 +1,114 @@
+"""How many pseudo-knees should hold ``--adapt-prior``'s EM estimate to the training mix?
+
+``--adapt-prior`` estimates a batch's grade mix by EM and regrades the batch with it. The
+maximum-likelihood estimate can drive a grade's share to zero on a batch where that grade
+is a tenth of the knees (KL0 on val resampled to 63/199/139/84/46, seed 0). The MAP
+estimate adds ``adapt_prior_concentration`` pseudo-knees at the training mix
+(:func:`kneepipe.grade.prior.estimate_prior_em`). This benchmark chooses that number on
+label shifts other than the one the acceptance figures are measured on, then reports the
+acceptance mix:
+
+* val is graded once, as ``kneepipe grade`` grades it (the shipped grader by default);
+* ``--shifts`` random grade mixes are drawn (Dirichlet with all parameters 1.5, seed
+  ``--seed``; every grade at least 3% of the batch, and at least 0.3 away in total
+  variation x 2 from the acceptance mix), and val is resampled to each at the acceptance
+  batch's size (531 knees);
+* each resample is graded plain and with ``--adapt-prior`` as the product runs it (the
+  likelihood-ratio test and the guard included), for each number of pseudo-knees;
+* the table gives the mean and worst accuracy and QWK change against plain grading, the
+  number of batches made worse in either, and of batches where a grade that makes up 5% or
+  more of the batch is never predicted. Then the acceptance mix, seeds 0, 1 and 2.
+
+    python benchmarks/prior_concentration.py [--model FILE] [--shifts 40] [--seed 123]
+        [--concentrations 0,10,20,30,50,100]
+
+Val also calibrated the grader, so every figure here is in-sample for the calibration.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import cohen_kappa_score
+
+from kneepipe.config import load_config
+from kneepipe.grade.config import GradeConfig
+from kneepipe.grade.data import labelled_files, load_crops
+from kneepipe.grade.folder import adjust_for_prior, grade_crops
+from kneepipe.grade.predict import Grader
+from kneepipe.grade.prior import resample_to_counts
+
+VAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "oai-kl224" / "val"
+ACCEPTANCE = np.array([63, 199, 139, 84, 46])
+
+
+def accuracy_and_qwk(truth: np.ndarray, grades: np.ndarray) -> tuple[float, float]:
+    return float(np.mean(truth == grades)), float(cohen_kappa_score(truth, grades, weights="quadratic"))
+
+
+def random_mixes(count: int, seed: int) -> list[np.ndarray]:
+    """``count`` grade counts summing to the acceptance batch's size, none of them near its mix."""
+    rng = np.random.default_rng(seed)
+    target, mixes = ACCEPTANCE / ACCEPTANCE.sum(), []
+    while len(mixes) < count:
+        mix = rng.dirichlet(np.full(5, 1.5))
+        if mix.min() >= 0.03 and np.abs(mix - target).sum() >= 0.3:
+            mixes.append(np.round(mix * ACCEPTANCE.sum()).astype(int))
+    return mixes
+
+
+def regrade(grader, probabilities, truth, config, train_prior) -> tuple[float, float, bool, bool]:
+    """Accuracy and QWK change of ``--adapt-prior`` on one batch, whether it applied, whether a grade vanished."""
+    adapted, facts = adjust_for_prior(probabilities, train_prior, config, grader.preprocessing.decision)
+    before = accuracy_and_qwk(truth, grader.decide(probabilities))
+    after_grades = grader.decide(adapted)
+    after = accuracy_and_qwk(truth, after_grades)
+    present = np.bincount(truth, minlength=5) >= 0.05 * len(truth)
+    vanished = bool((present & (np.bincount(after_grades, minlength=5) == 0)).any())
+    return after[0] - before[0], after[1] - before[1], facts["prior_test"]["applied"], vanished
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="grader file; default: the shipped one")
+    parser.add_argument("--shifts", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=123)
+    parser.add_argument("--concentrations", default="0,10,20,30,50,100")
+    args = parser.parse_args()
+    grader = Grader.load(args.model)
+    train_prior = np.asarray(grader.preprocessing.train_prior)
+    crops = load_crops(*labelled_files(VAL))
+    logits, shift = grade_crops(grader, crops.crops, load_config(GradeConfig))
+    if shift["shift_warning"]:
+        raise SystemExit(f"val's shift score warns ({shift['shift_score']}): not a pure label shift")
+    probabilities, truth = grader.probabilities(logits), crops.kl_grades
+    mixes = random_mixes(args.shifts, args.seed)
+    batches = [resample_to_counts(truth, counts, seed=1000 + i) for i, counts in enumerate(mixes)]
+    acceptance = [resample_to_counts(truth, ACCEPTANCE, seed=s) for s in (0, 1, 2)]
+    print(f"grader {grader.version}; {args.shifts} random label shifts of val (seed {args.seed}), 531 knees each\n")
+    print(
+        "| pseudo-knees | accuracy change, mean (worst) | QWK change, mean (worst) | applied | worse "
+        "| a grade vanished | acceptance mix, seeds 0 / 1 / 2: accuracy change (KL0 predicted) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for concentration in [float(c) for c in args.concentrations.split(",")]:
+        config = load_config(GradeConfig, overrides={"adapt_prior": True, "adapt_prior_concentration": concentration})
+        rows = np.array([regrade(grader, probabilities[i], truth[i], config, train_prior) for i in batches])
+        worse = int(((rows[:, 0] < -1e-9) | (rows[:, 1] < -1e-9)).sum())
+        seeds = []
+        for index in acceptance:
+            adapted, _ = adjust_for_prior(probabilities[index], train_prior, config, grader.preprocessing.decision)
+            gain = regrade(grader, probabilities[index], truth[index], config, train_prior)[0]
+            seeds.append(f"{100 * gain:+.1f} ({int((grader.decide(adapted) == 0).sum())})")
+        print(
+            f"| {concentration:g} | {100 * rows[:, 0].mean():+.2f} ({100 * rows[:, 0].min():+.2f}) "
+            f"| {rows[:, 1].mean():+.4f} ({rows[:, 1].min():+.4f}) | {int(rows[:, 2].sum())} | {worse} "
+            f"| {int(rows[:, 3].sum())} | {' / '.join(seeds)} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
