@@ -27,7 +27,11 @@ def grade(
     model: Annotated[str | None, typer.Option("--model", help="Grader file; default: the shipped model.")] = None,
     precision: Annotated[str | None, typer.Option(help="Inference precision: float32 or bfloat16.")] = None,
     adapt_prior: Annotated[
-        bool | None, typer.Option("--adapt-prior/--no-adapt-prior", help="Re-estimate the batch's grade prior by EM.")
+        bool | None,
+        typer.Option(
+            "--adapt-prior/--no-adapt-prior",
+            help="Re-estimate the batch's grade prior by EM (MAP, held towards the training mix).",
+        ),
     ] = None,
     prior: Annotated[str | None, typer.Option(help="A known grade prior p0,p1,p2,p3,p4 to regrade with.")] = None,
     config: ConfigOption = None,

@@ -70,7 +70,11 @@ def run(
         str | None, typer.Option("--grader", help="Grader file (.npz); default: the shipped model.")
     ] = None,
     adapt_prior: Annotated[
-        bool | None, typer.Option("--adapt-prior/--no-adapt-prior", help="Re-estimate the batch's grade prior by EM.")
+        bool | None,
+        typer.Option(
+            "--adapt-prior/--no-adapt-prior",
+            help="Re-estimate the batch's grade prior by EM (MAP, held towards the training mix).",
+        ),
     ] = None,
     prior: Annotated[str | None, typer.Option(help="A known grade prior p0,p1,p2,p3,p4 to regrade with.")] = None,
     overwrite: Annotated[
