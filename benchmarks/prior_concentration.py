@@ -17,7 +17,11 @@ acceptance mix:
   likelihood-ratio test and the guard included), for each number of pseudo-knees;
 * the table gives the mean and worst accuracy and QWK change against plain grading, the
   number of batches made worse in either, and of batches where a grade that makes up 5% or
-  more of the batch is never predicted. Then the acceptance mix, seeds 0, 1 and 2.
+  more of the batch is never predicted. Then the acceptance mix, seeds 0, 1 and 2;
+* for comparison, black-box shift estimation (BBSE; Lipton, Wang and Smola 2018): the batch's
+  mean probabilities solved against val's soft confusion matrix for the grade mix, which then
+  regrades the batch with the guard of ``--adapt-prior`` but no test. Val is both the
+  confusion matrix's data and the resamples' source, so this row is in-sample and optimistic.
 
     python benchmarks/prior_concentration.py [--model FILE] [--shifts 40] [--seed 123]
         [--concentrations 0,10,20,30,50,100]
@@ -36,9 +40,9 @@ from sklearn.metrics import cohen_kappa_score
 from kneepipe.config import load_config
 from kneepipe.grade.config import GradeConfig
 from kneepipe.grade.data import labelled_files, load_crops
-from kneepipe.grade.folder import adjust_for_prior, grade_crops
+from kneepipe.grade.folder import adjust_for_prior, grade_crops, label_shift_guard
 from kneepipe.grade.predict import Grader
-from kneepipe.grade.prior import resample_to_counts
+from kneepipe.grade.prior import resample_to_counts, reweight
 
 VAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "oai-kl224" / "val"
 ACCEPTANCE = np.array([63, 199, 139, 84, 46])
@@ -59,15 +63,43 @@ def random_mixes(count: int, seed: int) -> list[np.ndarray]:
     return mixes
 
 
-def regrade(grader, probabilities, truth, config, train_prior) -> tuple[float, float, bool, bool]:
-    """Accuracy and QWK change of ``--adapt-prior`` on one batch, whether it applied, whether a grade vanished."""
-    adapted, facts = adjust_for_prior(probabilities, train_prior, config, grader.preprocessing.decision)
-    before = accuracy_and_qwk(truth, grader.decide(probabilities))
-    after_grades = grader.decide(adapted)
+def bbse_prior(val_probabilities: np.ndarray, val_truth: np.ndarray, batch: np.ndarray) -> np.ndarray:
+    """The batch's grade mix by BBSE: ``confusion @ weights = batch mean``, ``confusion[:, j]`` the mean
+    probabilities of val's grade-``j`` knees times grade ``j``'s share of val."""
+    share = np.bincount(val_truth, minlength=5) / len(val_truth)
+    confusion = np.stack([val_probabilities[val_truth == j].mean(axis=0) * share[j] for j in range(5)], axis=1)
+    weights = np.clip(np.linalg.lstsq(confusion, batch.mean(axis=0), rcond=None)[0], 0, None)
+    mix = np.clip(weights * share, 1e-6, None)
+    return mix / mix.sum()
+
+
+def changes(grader, plain: np.ndarray, regraded: np.ndarray, truth: np.ndarray) -> tuple[float, float, bool]:
+    """Accuracy and QWK change from ``plain`` to ``regraded`` probabilities, and whether ``regraded``
+    leaves a grade that makes up 5% or more of the batch with no knee."""
+    before = accuracy_and_qwk(truth, grader.decide(plain))
+    after_grades = grader.decide(regraded)
     after = accuracy_and_qwk(truth, after_grades)
     present = np.bincount(truth, minlength=5) >= 0.05 * len(truth)
     vanished = bool((present & (np.bincount(after_grades, minlength=5) == 0)).any())
-    return after[0] - before[0], after[1] - before[1], facts["prior_test"]["applied"], vanished
+    return after[0] - before[0], after[1] - before[1], vanished
+
+
+def bbse_row(grader, probabilities, truth, index, train_prior) -> tuple[float, float, bool, bool]:
+    """What BBSE's mix does to one batch, declined by the guard of ``--adapt-prior`` as EM's would be;
+    the last entry says whether the mix, before the guard, left a grade with no knee."""
+    batch, labels = probabilities[index], truth[index]
+    mix = bbse_prior(probabilities, truth, batch)
+    adapted = reweight(batch, train_prior, mix)
+    refused = label_shift_guard(batch, adapted, train_prior, mix, 6.0, grader.preprocessing.decision)
+    accuracy, qwk, _ = changes(grader, batch, batch if refused else adapted, labels)
+    return accuracy, qwk, not refused, changes(grader, batch, adapted, labels)[2]
+
+
+def regrade(grader, probabilities, truth, config, train_prior) -> tuple[float, float, bool, bool]:
+    """Accuracy and QWK change of ``--adapt-prior`` on one batch, whether it applied, whether a grade vanished."""
+    adapted, facts = adjust_for_prior(probabilities, train_prior, config, grader.preprocessing.decision)
+    accuracy, qwk, vanished = changes(grader, probabilities, adapted, truth)
+    return accuracy, qwk, facts["prior_test"]["applied"], vanished
 
 
 def main() -> None:
@@ -108,6 +140,14 @@ def main() -> None:
             f"| {int(rows[:, 3].sum())} | {' / '.join(seeds)} |",
             flush=True,
         )
+    rows = np.array([bbse_row(grader, probabilities, truth, i, train_prior) for i in batches])
+    seeds = [bbse_row(grader, probabilities, truth, i, train_prior) for i in acceptance]
+    print(
+        f"| BBSE, guarded, no test | {100 * rows[:, 0].mean():+.2f} ({100 * rows[:, 0].min():+.2f}) "
+        f"| {rows[:, 1].mean():+.4f} ({rows[:, 1].min():+.4f}) | {int(rows[:, 2].sum())} "
+        f"| {int(((rows[:, 0] < -1e-9) | (rows[:, 1] < -1e-9)).sum())} | {int(rows[:, 3].sum())} (before the guard) "
+        f"| {' / '.join(f'{100 * r[0]:+.1f}' + ('' if r[2] else ' (declined)') for r in seeds)} |"
+    )
 
 
 if __name__ == "__main__":
