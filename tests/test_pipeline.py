@@ -393,6 +393,7 @@ def test_a_batch_of_bad_input_completes_with_a_reason_per_file(tmp_path, radiogr
     assert summary["refused"] == {"error": 6, "no_knee": 1, "lateral_view": 1}
     estimated = summary["priors"]["estimated_prior"]  # --adapt-prior re-estimated the batch's grade prior
     assert len(estimated) == 5 and abs(sum(estimated) - 1) < 1e-3
+    assert summary["priors"]["prior_pseudo_knees"] == load_config(GradeConfig).adapt_prior_concentration > 0
 
 
 @pytest.mark.slow
