@@ -65,8 +65,7 @@ def adjust_for_prior(
     ``config.adapt_prior_alpha``; otherwise the batch keeps its probabilities, and the facts
     say so (``prior_test``). It is declined, with the reason, when the batch's shift score
     warns (``shift``, :func:`batch_shift`: images unlike the training data are not a pure
-    label shift) or when :func:`label_shift_guard` refuses it. A known
-    prior is always applied.
+    label shift) or when :func:`label_shift_guard` refuses it. A known prior is always applied.
     """
     facts: dict[str, Any] = {"train_prior": np.round(train_prior, 4).tolist()}
     if not (config.prior or config.adapt_prior) or not len(probabilities):
