@@ -43,9 +43,11 @@ def block_layers(model) -> list[str]:
 
 # How a layer's activation map is pooled to one value per channel (see :func:`pool_maps`).
 POOLINGS = ("max", "mean")
+# The grader's own pooling (its global average), and a site file's before it recorded one.
+AVERAGE = ("mean",)
 
 
-def pool_maps(maps: Sequence, pooling: Sequence[str] = ("mean",)) -> list:
+def pool_maps(maps: Sequence, pooling: Sequence[str] = AVERAGE) -> list:
     """Activation maps ``(n, h, w, channels)`` -> their global ``pooling`` (``(n, channels)`` each):
     every map pooled the first way, then every map the next way (backend tensors or arrays)."""
     ops = import_keras().ops
@@ -56,7 +58,7 @@ def pool_maps(maps: Sequence, pooling: Sequence[str] = ("mean",)) -> list:
     return [pool[kind](m, axis=(1, 2)) for kind in pooling for m in maps]
 
 
-def pooled_feature_model(model, layers: Sequence[str], pooling: Sequence[str] = ("mean",)):
+def pooled_feature_model(model, layers: Sequence[str], pooling: Sequence[str] = AVERAGE):
     """A Keras model: a crop batch (0-255) -> the global pooling of each layer in ``layers``
     (:func:`pool_maps`; keep ``mean`` last where the last output must be the grader's feature vector)."""
     keras = import_keras()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kneepipe.grade.features import LAST_LAYER
+from kneepipe.grade.features import AVERAGE, LAST_LAYER
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class LinearHead:
     mean: np.ndarray | None = None
     scale: np.ndarray | None = None
     mirror: bool = False  # a knee's logits are the mean of its crop's and its mirrored crop's
-    pooling: tuple[str, ...] = ("mean",)
+    pooling: tuple[str, ...] = AVERAGE
 
     @classmethod
     def of_network(cls, model) -> LinearHead:
@@ -55,7 +55,7 @@ class LinearHead:
                 archive["site_mean"].astype(np.float32),
                 archive["site_scale"].astype(np.float32),
                 bool(archive["site_mirror"]) if "site_mirror" in archive.files else False,
-                tuple(str(kind) for kind in archive["site_pooling"]) if "site_pooling" in archive.files else ("mean",),
+                tuple(str(kind) for kind in archive["site_pooling"]) if "site_pooling" in archive.files else AVERAGE,
             )
 
     def arrays(self) -> dict[str, np.ndarray]:
