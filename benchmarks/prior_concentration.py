@@ -73,33 +73,49 @@ def bbse_prior(val_probabilities: np.ndarray, val_truth: np.ndarray, batch: np.n
     return mix / mix.sum()
 
 
-def changes(grader, plain: np.ndarray, regraded: np.ndarray, truth: np.ndarray) -> tuple[float, float, bool]:
-    """Accuracy and QWK change from ``plain`` to ``regraded`` probabilities, and whether ``regraded``
-    leaves a grade that makes up 5% or more of the batch with no knee."""
+def changes(grader, plain: np.ndarray, regraded: np.ndarray, truth: np.ndarray) -> tuple[float, float, bool, int]:
+    """Accuracy and QWK change from ``plain`` to ``regraded`` probabilities, whether ``regraded`` leaves a
+    grade that makes up 5% or more of the batch with no knee, and how many knees it grades KL0."""
     before = accuracy_and_qwk(truth, grader.decide(plain))
     after_grades = grader.decide(regraded)
     after = accuracy_and_qwk(truth, after_grades)
     present = np.bincount(truth, minlength=5) >= 0.05 * len(truth)
     vanished = bool((present & (np.bincount(after_grades, minlength=5) == 0)).any())
-    return after[0] - before[0], after[1] - before[1], vanished
+    return after[0] - before[0], after[1] - before[1], vanished, int((after_grades == 0).sum())
 
 
-def bbse_row(grader, probabilities, truth, index, train_prior) -> tuple[float, float, bool, bool]:
+def bbse_row(grader, probabilities, truth, index, train_prior) -> tuple[float, float, bool, bool, int]:
     """What BBSE's mix does to one batch, declined by the guard of ``--adapt-prior`` as EM's would be;
-    the last entry says whether the mix, before the guard, left a grade with no knee."""
+    whether it applied; whether the mix, before the guard, left a grade with no knee; KL0 knees."""
     batch, labels = probabilities[index], truth[index]
     mix = bbse_prior(probabilities, truth, batch)
     adapted = reweight(batch, train_prior, mix)
     refused = label_shift_guard(batch, adapted, train_prior, mix, 6.0, grader.preprocessing.decision)
-    accuracy, qwk, _ = changes(grader, batch, batch if refused else adapted, labels)
-    return accuracy, qwk, not refused, changes(grader, batch, adapted, labels)[2]
+    accuracy, qwk, _, kl0 = changes(grader, batch, batch if refused else adapted, labels)
+    return accuracy, qwk, not refused, changes(grader, batch, adapted, labels)[2], kl0
 
 
-def regrade(grader, probabilities, truth, config, train_prior) -> tuple[float, float, bool, bool]:
-    """Accuracy and QWK change of ``--adapt-prior`` on one batch, whether it applied, whether a grade vanished."""
+def regrade(grader, probabilities, truth, config, train_prior) -> tuple[float, float, bool, bool, int]:
+    """Accuracy and QWK change of ``--adapt-prior`` on one batch, whether it applied, whether a grade
+    vanished, and how many knees it grades KL0."""
     adapted, facts = adjust_for_prior(probabilities, train_prior, config, grader.preprocessing.decision)
-    accuracy, qwk, vanished = changes(grader, probabilities, adapted, truth)
-    return accuracy, qwk, facts["prior_test"]["applied"], vanished
+    accuracy, qwk, vanished, kl0 = changes(grader, probabilities, adapted, truth)
+    return accuracy, qwk, facts["prior_test"]["applied"], vanished, kl0
+
+
+def table_row(label: str, shifts: list[tuple], acceptance: list[tuple], vanished_note: str = "") -> str:
+    """One row of the table from the random shifts' and the acceptance seeds' :func:`regrade` results."""
+    rows = np.array(shifts, dtype=float)
+    worse = int(((rows[:, 0] < -1e-9) | (rows[:, 1] < -1e-9)).sum())
+    seeds = " / ".join(
+        f"{100 * gain:+.1f} ({kl0})" if applied else f"{100 * gain:+.1f} (declined; {kl0})"
+        for gain, _, applied, _, kl0 in acceptance
+    )
+    return (
+        f"| {label} | {100 * rows[:, 0].mean():+.2f} ({100 * rows[:, 0].min():+.2f}) "
+        f"| {rows[:, 1].mean():+.4f} ({rows[:, 1].min():+.4f}) | {int(rows[:, 2].sum())} | {worse} "
+        f"| {int(rows[:, 3].sum())}{vanished_note} | {seeds} |"
+    )
 
 
 def main() -> None:
@@ -127,27 +143,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for concentration in [float(c) for c in args.concentrations.split(",")]:
         config = load_config(GradeConfig, overrides={"adapt_prior": True, "adapt_prior_concentration": concentration})
-        rows = np.array([regrade(grader, probabilities[i], truth[i], config, train_prior) for i in batches])
-        worse = int(((rows[:, 0] < -1e-9) | (rows[:, 1] < -1e-9)).sum())
-        seeds = []
-        for index in acceptance:
-            adapted, _ = adjust_for_prior(probabilities[index], train_prior, config, grader.preprocessing.decision)
-            gain = regrade(grader, probabilities[index], truth[index], config, train_prior)[0]
-            seeds.append(f"{100 * gain:+.1f} ({int((grader.decide(adapted) == 0).sum())})")
-        print(
-            f"| {concentration:g} | {100 * rows[:, 0].mean():+.2f} ({100 * rows[:, 0].min():+.2f}) "
-            f"| {rows[:, 1].mean():+.4f} ({rows[:, 1].min():+.4f}) | {int(rows[:, 2].sum())} | {worse} "
-            f"| {int(rows[:, 3].sum())} | {' / '.join(seeds)} |",
-            flush=True,
-        )
-    rows = np.array([bbse_row(grader, probabilities, truth, i, train_prior) for i in batches])
+        shifts = [regrade(grader, probabilities[i], truth[i], config, train_prior) for i in batches]
+        seeds = [regrade(grader, probabilities[i], truth[i], config, train_prior) for i in acceptance]
+        print(table_row(f"{concentration:g}", shifts, seeds), flush=True)
+    shifts = [bbse_row(grader, probabilities, truth, i, train_prior) for i in batches]
     seeds = [bbse_row(grader, probabilities, truth, i, train_prior) for i in acceptance]
-    print(
-        f"| BBSE, guarded, no test | {100 * rows[:, 0].mean():+.2f} ({100 * rows[:, 0].min():+.2f}) "
-        f"| {rows[:, 1].mean():+.4f} ({rows[:, 1].min():+.4f}) | {int(rows[:, 2].sum())} "
-        f"| {int(((rows[:, 0] < -1e-9) | (rows[:, 1] < -1e-9)).sum())} | {int(rows[:, 3].sum())} (before the guard) "
-        f"| {' / '.join(f'{100 * r[0]:+.1f}' + ('' if r[2] else ' (declined)') for r in seeds)} |"
-    )
+    print(table_row("BBSE, guarded, no test", shifts, seeds, " (before the guard)"))
 
 
 if __name__ == "__main__":
