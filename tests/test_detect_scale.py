@@ -63,6 +63,15 @@ def _found(detection, boxes, threshold=0.5) -> list[float]:
     return [max((detect_scales.iou(box, joint.box) for joint in detection.joints), default=0.0) for box in boxes]
 
 
+def test_the_benchmark_reads_the_hand_annotations_as_its_truth_too(reference):
+    annotated = detect_scales.read_reference(detect_scales.ANNOTATIONS)
+    assert sorted(annotated) == sorted(reference) == sorted(detect_scales.AP_FILMS)
+    for name, knees in annotated.items():
+        # The same knees on the same sides, and the reference boxes lie on the annotated joints.
+        assert [side for side, _ in knees] == [side for side, _ in reference[name]]
+        assert all(detect_scales.iou(a, b) >= 0.5 for (_, a), (_, b) in zip(knees, reference[name], strict=True))
+
+
 def test_every_shared_film_upright_reads_upright_and_turned_reads_sideways(radiographs_dir):
     from kneepipe.detect.orientation import bone_orientation
     from kneepipe.imaging import find_images

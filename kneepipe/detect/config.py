@@ -55,6 +55,9 @@ class DetectConfig:
     scale_variety: float = field(metadata=rule(range=(0.0, 1.0)))
     exposure_variety: float = field(metadata=rule(range=(0.0, 1.0)))
     background_copies: int = field(metadata=rule(range=(0, 20)))
+    real_copies: int = field(metadata=rule(range=(0, 1000)))
+    real_background_copies: int | None = field(metadata=rule(range=(0, 1000)))
+    real_exclude: tuple
     model_yaml: str
     init_weights: str | None
     freeze: int = field(metadata=rule(range=(0, 22)))

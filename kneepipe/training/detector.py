@@ -4,7 +4,9 @@ A run folder holds everything needed to inspect or resume it::
 
     <out_dir>/args.yaml          the resolved kneepipe detect config of the run
     <out_dir>/dataset/           composites (train from train crops, val from val crops),
-                                 background radiographs, data.yaml
+                                 background radiographs, varied copies of the annotated
+                                 real films (``real_copies``: AP films with their boxes,
+                                 lateral and foot films as backgrounds), data.yaml
     <out_dir>/yolo/              the Ultralytics run: args.yaml, results.csv,
                                  weights/last.pt and weights/best.pt
 
@@ -34,20 +36,12 @@ from kneepipe.files import write_atomic
 from kneepipe.imaging import read_radiograph
 from kneepipe.joints import SIDES
 from kneepipe.training.compose import compose_dataset
-
-BACKGROUND_KINDS = ("lateral", "foot")
-"""Annotated radiograph kinds used as background (no-knee) training images."""
+from kneepipe.training.real_films import NEGATIVE_KINDS, AnnotatedFilm, annotated_films, write_film_copies
 
 
 def background_images(annotations: Path, radiographs: Path) -> list[Path]:
-    """The radiographs an annotation CSV marks as lateral views or feet.
-
-    Lines starting with ``#`` are comments; the CSV needs ``image`` and ``kind`` columns.
-    """
-    with annotations.open(newline="") as handle:
-        rows = csv.DictReader(line for line in handle if not line.startswith("#"))
-        names = sorted({row["image"] for row in rows if row["kind"] in BACKGROUND_KINDS})
-    return [radiographs / name for name in names]
+    """The radiographs an annotation CSV marks as lateral views or feet (:data:`NEGATIVE_KINDS`)."""
+    return [film.path for film in annotated_films(annotations, radiographs, kinds=NEGATIVE_KINDS)]
 
 
 def _write_backgrounds(paths: list[Path], out_dir: Path, copies: int, rng: np.random.Generator) -> int:
@@ -75,7 +69,7 @@ def _write_backgrounds(paths: list[Path], out_dir: Path, copies: int, rng: np.ra
 
 
 def build_dataset(config: DetectConfig, dataset_dir: Path) -> Path:
-    """Write the training and validation composites plus backgrounds; return data.yaml.
+    """Write the training and validation composites, backgrounds and real-film copies; return data.yaml.
 
     An existing ``data.yaml`` means the dataset is complete and is reused as it is
     (so a resumed run trains on the same images).
@@ -85,6 +79,16 @@ def build_dataset(config: DetectConfig, dataset_dir: Path) -> Path:
         return data_yaml
     if not config.train_crops:
         raise FileNotFoundError("train_crops: name the OAI crop folder (with train/ and val/) to compose from")
+    background_copies = config.real_copies if config.real_background_copies is None else config.real_background_copies
+    films: list[tuple[list[AnnotatedFilm], int]] = []
+    if config.real_copies > 0 or background_copies > 0:
+        if not (config.train_annotations and config.train_radiographs):
+            raise FileNotFoundError("real_copies: name train_annotations and train_radiographs (the annotated films)")
+        annotations, radiographs = Path(config.train_annotations), Path(config.train_radiographs)
+        films = [
+            (annotated_films(annotations, radiographs, tuple(config.real_exclude)), config.real_copies),
+            (annotated_films(annotations, radiographs, kinds=NEGATIVE_KINDS), background_copies),
+        ]
     crops = Path(config.train_crops)
     for split, count, seed in (
         ("train", config.train_images, config.seed),
@@ -109,6 +113,9 @@ def build_dataset(config: DetectConfig, dataset_dir: Path) -> Path:
         paths = background_images(Path(config.train_annotations), Path(config.train_radiographs))
         rng = np.random.default_rng(config.seed + 2)
         backgrounds = _write_backgrounds(paths, dataset_dir, config.background_copies, rng)
+    real, real_rng = 0, np.random.default_rng(config.seed + 3)
+    for group, copies in films:
+        real += write_film_copies(group, dataset_dir, copies, real_rng)
     names = {index: f"{'right' if side == 'R' else 'left'}_knee" for index, side in enumerate(SIDES)}
     content = {
         "path": str(dataset_dir.resolve()),
@@ -122,6 +129,7 @@ def build_dataset(config: DetectConfig, dataset_dir: Path) -> Path:
                 "train_composites": config.train_images,
                 "val_composites": config.val_images,
                 "background_images": backgrounds,
+                "real_film_copies": real,
             },
             indent=2,
         )
