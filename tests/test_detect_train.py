@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 from conftest import ANNOTATIONS
@@ -44,6 +46,8 @@ def test_one_epoch_training_writes_a_run_folder(tmp_path, oai_dir, radiographs_d
             "train_imgsz": 64,
             "train_batch": 4,
             "background_copies": 1,
+            "real_copies": 1,
+            "real_exclude": ["stage_2_2.jpg"],
             "workers": 0,
         },
     )
@@ -61,3 +65,10 @@ def test_one_epoch_training_writes_a_run_folder(tmp_path, oai_dir, radiographs_d
     assert data["names"] == {0: "right_knee", 1: "left_knee"}
     backgrounds = list((run / "dataset" / "labels" / "train").glob("background_*.txt"))
     assert backgrounds and all(p.read_text() == "" for p in backgrounds)
+    # One varied copy of each annotated film: the 10 AP films left in carry knees, the laterals and feet none.
+    copies = {p.stem: p.read_text() for p in (run / "dataset" / "labels" / "train").glob("real_*.txt")}
+    assert len(copies) == 10 + 14 and "real_stage_2_2_000" not in copies
+    assert all(copies[f"real_{name}_000"] for name in ("bilateral_0", "stage_1_3", "arthritis_7"))
+    assert all(copies[f"real_{name}_000"] == "" for name in ("stage_1_5", "arthritis_3"))
+    summary = json.loads((run / "dataset" / "summary.json").read_text())
+    assert summary["real_film_copies"] == 24
