@@ -56,7 +56,8 @@ TILT_SHARE, MAX_TILT = 1 / 3, 20.0
 ASPECT_RANGE = (0.7, 1.6)
 GAMMA_RANGE = (0.7, 1.4)
 VISIBLE = 0.6
-"""A knee's box must lie at least this much inside a copy to be labelled; less, and it is greyed out."""
+"""A knee's box must lie at least this much inside a copy to be labelled (:func:`film_copy` redraws a window that
+cuts one by more)."""
 
 
 @dataclass(frozen=True)
