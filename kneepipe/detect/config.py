@@ -37,6 +37,8 @@ class DetectConfig:
     view_model: str | None
     lateral_threshold: float = field(metadata=rule(range=(0.0, 1.0)))
     lateral_keep_conf: float = field(metadata=rule(range=(0.0, 1.0)))
+    no_knee_threshold: float = field(metadata=rule(range=(0.0, 1.0)))
+    no_knee_keep_conf: float = field(metadata=rule(range=(0.0, 1.0)))
     view_review: float = field(metadata=rule(range=(0.0, 1.0)))
     partial_fraction: float = field(metadata=rule(range=(0.0, 1.0)))
     metal_level: int = field(metadata=rule(range=(1, 255)))

@@ -34,6 +34,7 @@ from kneepipe.detect.quality import (
     VIEW_AP,
     VIEW_CLASSES,
     VIEW_LATERAL,
+    VIEW_NO_KNEE,
     ViewClassifier,
     border_grey,
     content_box,
@@ -615,7 +616,10 @@ class JointDetector:
         ``config.lateral_threshold``) is refused as ``lateral_view`` unless the detector
         found a joint at ``config.lateral_keep_conf`` or above; its knees are then graded
         and, like those of any film read lateral from ``config.view_review``, marked for
-        review as a borderline view. A film with no joint is ``no_knee``. Each joint
+        review as a borderline view. A film the view classifier reads as showing no knee (probability
+        at least ``config.no_knee_threshold``) is refused as ``no_knee`` unless a joint reaches
+        ``config.no_knee_keep_conf`` (off by default: the shipped detector boxes no foot or hand on
+        its own). A film with no joint is ``no_knee``. Each joint
         found is then checked on its own, so one bad knee of a bilateral film leaves the other graded: a joint
         box lying beyond the film's edge by more than ``config.partial_fraction`` of its
         side is ``partial`` (the film's ``content`` bounds ``x0, y0, x1, y1`` in the pixels as read, when
@@ -626,10 +630,14 @@ class JointDetector:
         lateral = 0.0
         if view_probabilities is not None:
             lateral = float(view_probabilities[VIEW_CLASSES.index(VIEW_LATERAL)])
+            no_knee = float(view_probabilities[VIEW_CLASSES.index(VIEW_NO_KNEE)])
             best = max((joint.confidence for joint in detection.joints), default=0.0)
             if lateral >= self.config.lateral_threshold and best < self.config.lateral_keep_conf:
                 reason = f"{LATERAL_REASON} (view classifier: lateral {lateral:.2f})"
                 return Detection(radiograph.path, (), STATUS_LATERAL_VIEW, reason)
+            if no_knee >= self.config.no_knee_threshold and best < self.config.no_knee_keep_conf:
+                reason = f"no knee in image (view classifier: no knee {no_knee:.2f}; best box {best:.2f})"
+                return Detection(radiograph.path, (), STATUS_NO_KNEE, reason)
         if not detection.joints:
             if detection.status == STATUS_NO_KNEE:
                 return dataclasses.replace(detection, message="no knee in image")
