@@ -29,7 +29,8 @@ Run from the project root::
 
     .venv/bin/python benchmarks/end_to_end_eval.py --out /tmp/kneepipe-e2e
 
-Options: ``--limit N`` (first N patients, for a quick look), ``--detector``/``--grader``
+Options: ``--limit N`` (first N patients, for a quick look), detect config overrides as
+``key=value`` after the options, ``--detector``/``--grader``
 (other weights), ``--seed``, ``--rendering faithful|varied|both``.
 """
 
@@ -171,12 +172,13 @@ def main() -> int:
     parser.add_argument("--grader", default=None, help="grader file (default: shipped)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rendering", choices=["faithful", "varied", "both"], default="both")
+    parser.add_argument("overrides", nargs="*", help="detect config overrides, key=value (runtime=torch ...)")
     args = parser.parse_args()
 
     from kneepipe.runtime import prepare_frameworks
 
     prepare_frameworks()
-    from kneepipe.config import load_config
+    from kneepipe.config import load_config, parse_overrides
     from kneepipe.detect.config import DetectConfig
     from kneepipe.grade.config import GradeConfig
     from kneepipe.grade.folder import grade_folder
@@ -184,7 +186,7 @@ def main() -> int:
     from kneepipe.pipeline.run import load_models
 
     pipeline_cfg = load_config(PipelineConfig, overrides={"overwrite": True, "thumbnail_size": 0})
-    detect_cfg = load_config(DetectConfig, overrides={"model": args.detector})
+    detect_cfg = load_config(DetectConfig, overrides={"model": args.detector, **parse_overrides(args.overrides)})
     grade_cfg = load_config(GradeConfig, overrides={"model": args.grader})
     detector, grader = load_models(detect_cfg, grade_cfg)
     renderings = ["faithful", "varied"] if args.rendering == "both" else [args.rendering]
