@@ -28,7 +28,6 @@ copy shows part of a knee the labels leave out.
 
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +35,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from kneepipe.detect.evaluate import read_annotations
 from kneepipe.detect.quality import border_grey
 from kneepipe.files import write_atomic
+from kneepipe.imaging import read_radiograph
 from kneepipe.training.compose import PlacedKnee, yolo_label_lines
 
 Box = tuple[float, float, float, float]
@@ -68,8 +69,6 @@ class AnnotatedFilm:
     knees: tuple[tuple[str, Box], ...]
 
     def pixels(self) -> np.ndarray:
-        from kneepipe.imaging import read_radiograph
-
         return read_radiograph(self.path).pixels
 
 
@@ -78,19 +77,11 @@ def annotated_films(
 ) -> list[AnnotatedFilm]:
     """The films of an annotation CSV of these ``kinds``, with their joint boxes, less ``exclude``.
 
-    Lines starting with ``#`` are comments; the CSV needs ``image,kind,side,x1,y1,x2,y2`` (the box
-    only on AP films: lateral and foot films come with no knees). A name in ``exclude`` that the CSV
-    does not list among them is an error, so a typo cannot silently leave a film in a
-    cross-validation fold it should be out of.
+    The CSV is read by :func:`~kneepipe.detect.evaluate.read_annotations` (lateral and foot films
+    come with no knees). A name in ``exclude`` that the CSV does not list among them is an error,
+    so a typo cannot silently leave a film in a cross-validation fold it should be out of.
     """
-    knees: dict[str, list[tuple[str, Box]]] = {}
-    with annotations.open(newline="") as handle:
-        for row in csv.DictReader(line for line in handle if not line.startswith("#")):
-            if row["kind"] not in kinds:
-                continue
-            boxes = knees.setdefault(row["image"], [])
-            if row["kind"] in POSITIVE_KINDS:
-                boxes.append((row["side"], (float(row["x1"]), float(row["y1"]), float(row["x2"]), float(row["y2"]))))
+    knees = {name: entry["joints"] for name, entry in read_annotations(annotations).items() if entry["kind"] in kinds}
     unknown = sorted(set(exclude) - set(knees))
     if unknown:
         raise ValueError(
