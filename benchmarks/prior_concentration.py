@@ -63,11 +63,16 @@ def random_mixes(count: int, seed: int) -> list[np.ndarray]:
     return mixes
 
 
-def bbse_prior(val_probabilities: np.ndarray, val_truth: np.ndarray, batch: np.ndarray) -> np.ndarray:
-    """The batch's grade mix by BBSE: ``confusion @ weights = batch mean``, ``confusion[:, j]`` the mean
-    probabilities of val's grade-``j`` knees times grade ``j``'s share of val."""
+def bbse_confusion(val_probabilities: np.ndarray, val_truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Val's soft confusion matrix for BBSE and its grade shares: ``confusion[:, j]`` the mean probabilities
+    of val's grade-``j`` knees times grade ``j``'s share of val."""
     share = np.bincount(val_truth, minlength=5) / len(val_truth)
     confusion = np.stack([val_probabilities[val_truth == j].mean(axis=0) * share[j] for j in range(5)], axis=1)
+    return confusion, share
+
+
+def bbse_prior(confusion: np.ndarray, share: np.ndarray, batch: np.ndarray) -> np.ndarray:
+    """The batch's grade mix by BBSE: ``confusion @ weights = batch mean`` (:func:`bbse_confusion`)."""
     weights = np.clip(np.linalg.lstsq(confusion, batch.mean(axis=0), rcond=None)[0], 0, None)
     mix = np.clip(weights * share, 1e-6, None)
     return mix / mix.sum()
@@ -84,15 +89,16 @@ def changes(grader, plain: np.ndarray, regraded: np.ndarray, truth: np.ndarray) 
     return after[0] - before[0], after[1] - before[1], vanished, int((after_grades == 0).sum())
 
 
-def bbse_row(grader, probabilities, truth, index, train_prior) -> tuple[float, float, bool, bool, int]:
+def bbse_row(grader, probabilities, truth, index, train_prior, val_confusion) -> tuple[float, float, bool, bool, int]:
     """What BBSE's mix does to one batch, declined by the guard of ``--adapt-prior`` as EM's would be;
     whether it applied; whether the mix, before the guard, left a grade with no knee; KL0 knees."""
     batch, labels = probabilities[index], truth[index]
-    mix = bbse_prior(probabilities, truth, batch)
+    mix = bbse_prior(*val_confusion, batch)
     adapted = reweight(batch, train_prior, mix)
     refused = label_shift_guard(batch, adapted, train_prior, mix, 6.0, grader.preprocessing.decision)
-    accuracy, qwk, _, kl0 = changes(grader, batch, batch if refused else adapted, labels)
-    return accuracy, qwk, not refused, changes(grader, batch, adapted, labels)[2], kl0
+    unguarded = changes(grader, batch, adapted, labels)
+    accuracy, qwk, _, kl0 = changes(grader, batch, batch, labels) if refused else unguarded
+    return accuracy, qwk, not refused, unguarded[2], kl0
 
 
 def regrade(grader, probabilities, truth, config, train_prior) -> tuple[float, float, bool, bool, int]:
@@ -146,8 +152,9 @@ def main() -> None:
         shifts = [regrade(grader, probabilities[i], truth[i], config, train_prior) for i in batches]
         seeds = [regrade(grader, probabilities[i], truth[i], config, train_prior) for i in acceptance]
         print(table_row(f"{concentration:g}", shifts, seeds), flush=True)
-    shifts = [bbse_row(grader, probabilities, truth, i, train_prior) for i in batches]
-    seeds = [bbse_row(grader, probabilities, truth, i, train_prior) for i in acceptance]
+    val_confusion = bbse_confusion(probabilities, truth)
+    shifts = [bbse_row(grader, probabilities, truth, i, train_prior, val_confusion) for i in batches]
+    seeds = [bbse_row(grader, probabilities, truth, i, train_prior, val_confusion) for i in acceptance]
     print(table_row("BBSE, guarded, no test", shifts, seeds, " (before the guard)"))
 
 
