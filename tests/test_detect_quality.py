@@ -83,8 +83,14 @@ def test_every_lateral_is_named_a_lateral_view(detected, annotations):
 
 
 def test_feet_give_no_knee(detected, annotations):
+    # The shipped detector boxes both shared feet faintly (0.28-0.33); the view classifier's
+    # "no knee" outweighs a box below no_knee_keep_conf, and the message says so.
     for name in _films_of(annotations, "foot"):
-        assert [(r["status"], r["message"]) for r in detected[name]] == [("no_knee", "no knee in image")], name
+        rows = detected[name]
+        assert len(rows) == 1 and rows[0]["status"] == "no_knee", (name, rows)
+        assert rows[0]["message"] == "no knee in image" or rows[0]["message"].startswith(
+            "no knee in image (view classifier: no knee 1.00; best box 0."
+        ), rows[0]["message"]
 
 
 def test_over_exposed_films_are_named(detected, annotations):
@@ -260,9 +266,9 @@ def test_train_view_writes_a_classifier_the_detector_loads(tmp_path, radiographs
 def test_a_box_on_a_film_the_view_classifier_reads_as_no_knee_is_refused_only_with_no_knee_keep_conf(
     detector, radiographs_dir, annotations
 ):
-    """A detector trained on zoomed real films boxed feet (DETECTOR_HISTORY.md, run E); the gate refuses such a box.
+    """The shipped detector, trained on zoomed real films, boxes the shared feet faintly; the gate refuses such a box.
 
-    The boxes here are put on real films by hand: the shipped detector boxes no foot, so it cannot show the gate.
+    The boxes here are put on real films by hand, so each confidence on each side of the gate can be shown.
     """
     import dataclasses
 
@@ -275,8 +281,8 @@ def test_a_box_on_a_film_the_view_classifier_reads_as_no_knee_is_refused_only_wi
         return detection.status, detection.message
 
     foot = (900.0, 1100.0, 1300.0, 1500.0)  # where a detector once boxed stage_1_5.jpg's foot
-    assert graded("stage_1_5.jpg", foot, 0.35)[0] == "ok"  # off by default
-    status, message = graded("stage_1_5.jpg", foot, 0.35, no_knee_keep_conf=0.6)
+    assert graded("stage_1_5.jpg", foot, 0.35, no_knee_keep_conf=0.0)[0] == "ok"  # the gate off
+    status, message = graded("stage_1_5.jpg", foot, 0.35)  # on by default, at 0.6
     assert status == "no_knee" and message.startswith("no knee in image (view classifier: no knee 1.00")
     assert graded("stage_1_5.jpg", foot, 0.7, no_knee_keep_conf=0.6)[0] == "ok"  # a surer box outweighs it
     _, knee = annotations["bilateral_0.png"]["joints"][0]

@@ -3,7 +3,7 @@
 The films are the shared real radiographs; transformed copies (a knee cut out and
 enlarged, a film turned by 90 degrees, a mirrored film) are made in memory with the
 benchmark's transforms (``benchmarks/detect_scales.py``), whose reference boxes are the
-shipped detector's boxes on the original films.
+boxes of the detector shipped before this one on the original films, checked by eye.
 """
 
 from __future__ import annotations
@@ -47,6 +47,27 @@ def reference():
 def _film(pixels: np.ndarray, name: str, **facts) -> Radiograph:
     height, width = pixels.shape
     return Radiograph(np.ascontiguousarray(pixels), Path(name), (width, height), **facts)
+
+
+def _first_look(detector, monkeypatch, keep: int | None) -> list[int]:
+    """Make the detector's first look at a film find only its ``keep`` uppermost joints (all: None).
+
+    The shipped model finds knees that the one before it missed at first sight; this stands for such a
+    first look, so the looks that follow one (the windows, the straightened look) are still exercised on
+    real pixels. Returns the number of images of each model call (``predict_boxes``), filled as it runs.
+    """
+    calls: list[int] = []
+    predict = type(detector).predict_boxes
+
+    def looked(images: list[np.ndarray]) -> list[np.ndarray]:
+        rows = predict(detector, images)
+        if not calls and keep is not None:
+            rows = [r[np.argsort((r[:, 1] + r[:, 3]) / 2)][:keep] for r in rows]
+        calls.append(len(images))
+        return rows
+
+    monkeypatch.setattr(detector, "predict_boxes", looked)
+    return calls
 
 
 def _val_crops(oai_dir: Path) -> tuple[list[np.ndarray], np.ndarray]:
@@ -129,33 +150,45 @@ def test_a_small_knee_on_a_padded_film_is_found(detector, reference):
         assert min(_found(detection, boxes)) >= 0.5, name
 
 
-def test_a_knee_filling_the_frame_that_only_the_view_classifier_is_sure_of_is_kept_for_review(detector, reference):
-    # arthritis_2's right knee across 80% of the film: the model scores it 0.01 in every view, so no
-    # pass finds a joint, while the view classifier reads an AP knee (0.9). Its best box is kept,
-    # marked for review; with ap_sure at 1.0 the film is refused as having no knee.
+def test_a_knee_filling_the_frame_that_only_the_view_classifier_is_sure_of_is_kept_for_review(
+    detector, reference, monkeypatch
+):
+    # arthritis_2's right knee across 80% of the film. The shipped model finds it; the detector before it
+    # scored it 0.01 in every view, so no pass found a joint, while the view classifier read an AP knee.
+    # Here every pass finds nothing (and the search is off), as with that model: the model's best box is
+    # still kept, from pair_conf up; with ap_sure at 1.0 the film is refused as having no knee.
     films = detect_scales.load_films()
     knees = [box for _, box in reference["arthritis_2.jpg"]]
     film, boxes = detect_scales.cut_film(films["arthritis_2.jpg"], knees, knees[0], 0.8, np.random.default_rng(0))
-    off = dataclasses.replace(detector, config=dataclasses.replace(detector.config, ap_sure=1.0))
-    assert off.detect([_film(film, "filled.png")])[0].status == "no_knee"
-    detection = detector.detect([_film(film, "filled.png")])[0]
-    (joint,) = detection.joints
-    assert detection.status == "ok" and _found(detection, boxes)[0] >= 0.5
-    assert joint.confidence < 0.05 and joint.needs_review and "low detector confidence" in joint.review_reason
+    assert detector.detect([_film(film, "filled.png")])[0].status == "ok"
+
+    def unsure(**keys):
+        blind = dataclasses.replace(detector, config=dataclasses.replace(detector.config, search_below=0.0, **keys))
+        monkeypatch.setattr(blind, "predict_boxes", lambda images: [np.zeros((0, 6), np.float32) for _ in images])
+        return blind
+
+    assert unsure(ap_sure=1.0).detect([_film(film, "filled.png")])[0].status == "no_knee"
+    detection = unsure().detect([_film(film, "filled.png")])[0]
+    assert detection.status == "ok" and len(detection.joints) == 1 and _found(detection, boxes)[0] >= 0.5
+    (flagged,) = unsure(review_conf=1.0).detect([_film(film, "filled.png")])[0].joints
+    assert flagged.needs_review and "low detector confidence" in flagged.review_reason
 
 
-def test_the_knees_of_a_full_leg_film_are_found_in_windows(detector, reference):
+def test_the_knees_of_a_full_leg_film_are_found_in_windows(detector, reference, monkeypatch):
     # A real bilateral film made three times as tall, its femurs and tibias run on (the benchmark's
-    # full-leg transform): shrunk whole to the model's input its knees are a third of the learnt size
-    # and no joint is found; square windows down its length find both, each on its side.
+    # full-leg transform): shrunk whole to the model's input its knees are a third of the learnt size.
+    # The shipped model still finds both (0.54-0.63); the one before it found neither. With the first
+    # look emptied, as that model's was, square windows down the film's length find both, each on its side.
     films = detect_scales.load_films()
     knees = [box for _, box in reference["stage_1_1.jpg"]]
     film, boxes = detect_scales.full_leg_film(films["stage_1_1.jpg"], knees, 3)
     assert film.shape[0] >= 2 * film.shape[1]
-    assert not len(detector.predict_boxes([film])[0])
-    detection = detector.detect([_film(film, "full-leg.png")])[0]
-    assert detection.status == "ok" and min(_found(detection, boxes)) >= 0.5
-    assert sorted(joint.side for joint in detection.joints) == ["L", "R"]
+    for first_look_empty in (False, True):
+        looks = _first_look(detector, monkeypatch, keep=0 if first_look_empty else None)
+        detection = detector.detect([_film(film, "full-leg.png")])[0]
+        assert detection.status == "ok" and min(_found(detection, boxes)) >= 0.5
+        assert sorted(joint.side for joint in detection.joints) == ["L", "R"]
+        assert (len(looks) > 1) == first_look_empty, looks  # the windows: one more model call
 
 
 def test_a_long_lateral_film_is_not_looked_at_in_windows(detector, radiographs_dir):
@@ -191,9 +224,13 @@ def test_an_upright_film_misread_as_sideways_is_detected_as_stored(
 ):
     """A collimator band across a short, wide film can outweigh its legs' edges: the knees as stored win.
 
-    ``stage_2_7.jpg``'s knees as stored (0.87, 0.77) are sure: the film is not turned. ``stage_1_4.jpg``'s
-    (0.46, 0.32) are not, so it is also looked at turned both ways, and its knees as stored beat the turns'.
+    ``stage_2_7.jpg``'s knees as stored (0.88, 0.89) are sure: the film is not turned. Knees found below
+    ``SURE_AS_STORED`` are not (``stage_1_4.jpg``'s were 0.46 and 0.32 with the detector shipped before;
+    0.89-0.90 now, so the bar is raised above them here): the film is also looked at turned both ways,
+    and its knees as stored beat the turns'.
     """
+    if turned:
+        monkeypatch.setattr("kneepipe.detect.predict.SURE_AS_STORED", 0.95)
     looked, select = [], detector._select_per_image
     monkeypatch.setattr(detector, "_select_per_image", lambda images: looked.append(len(images)) or select(images))
     detection = detector.detect_sideways(read_radiograph(radiographs_dir / name))
@@ -204,10 +241,25 @@ def test_an_upright_film_misread_as_sideways_is_detected_as_stored(
 
 
 def test_a_sideways_film_without_a_knee_is_refused_as_rotated(detector, radiographs_dir):
-    foot = read_radiograph(radiographs_dir / "stage_1_5.jpg").pixels
-    detection = detector.detect([_film(np.rot90(foot), "foot-sideways.png")])[0]
+    # A lateral view lying sideways: no knee is found on it either way up. Without the view classifier
+    # that is all that can be said of it.
+    lateral = read_radiograph(radiographs_dir / "arthritis_3.jpg").pixels
+    blind = dataclasses.replace(detector, view_classifier=None)
+    detection = blind.detect([_film(np.ascontiguousarray(np.rot90(lateral)), "lateral-sideways.png")])[0]
     assert detection.status == "rotated" and not detection.joints
     assert "lies sideways" in detection.message
+
+
+@pytest.mark.parametrize(("name", "status"), [("stage_1_5.jpg", "no_knee"), ("stage_2_1.jpg", "lateral_view")])
+def test_a_sideways_foot_or_lateral_is_named_from_its_view_read_upright(detector, radiographs_dir, name, status):
+    # Lying sideways, a foot reads as an AP knee to the view classifier (0.96), and the detector boxes
+    # it faintly (0.28-0.37); the lateral stage_2_1.jpg is boxed at 0.44 turned upright. Read upright
+    # both ways, the classifier agrees on no knee (0.99-1.00) and on a lateral view (0.77 and 0.96):
+    # neither is graded, whichever way it lies.
+    pixels = read_radiograph(radiographs_dir / name).pixels
+    for turns in (1, 3):
+        detection = detector.detect([_film(np.ascontiguousarray(np.rot90(pixels, turns)), "sideways.png")])[0]
+        assert detection.status == status and not detection.joints, (turns, detection.message)
 
 
 def test_a_tilted_film_is_detected_straightened(detector, reference):
@@ -221,20 +273,23 @@ def test_a_tilted_film_is_detected_straightened(detector, reference):
 
 
 @pytest.mark.parametrize("name", ["stage_1_3.jpg", "stage_2_2.jpg", "arthritis_5.jpg"])
-def test_a_slightly_tilted_film_is_also_looked_at_straightened(name, detector, reference):
+def test_a_slightly_tilted_film_is_also_looked_at_straightened(name, detector, monkeypatch):
     # Tilted by 10 degrees their edges read 11.8, 5.2 and 12.9 degrees, too little to straighten outright
-    # (upright films read up to 12.1): the first look finds the upper knee only, the straightened look
-    # adds the lower one. On stage_2_2 the first look's box of the upper knee is too loose for the
-    # lower knee to pass as its partner, so the two looks are pooled look by look (pool_looks). On
-    # arthritis_5 the first look also returns two faint boxes (0.08-0.09) that are not its other knee.
+    # (upright films read up to 12.1). The shipped model finds both knees at once; the one before it found
+    # the upper knee only. With the first look cut to the upper knee, as that model's was, the
+    # straightened look adds the lower one (pooled look by look: pool_looks). Measured against the hand
+    # annotations: the reference boxes of stage_2_2.jpg lie 0.54-0.57 from them, a framing the shipped model
+    # did not learn.
     films = detect_scales.load_films()
-    knees = [box for _, box in reference[name]]
+    knees = [box for _, box in detect_scales.read_reference(detect_scales.ANNOTATIONS)[name]]
     film, boxes = detect_scales.tilt_film(films[name], knees, -10)
-    assert int((detector.predict_boxes([film])[0][:, 4] >= 0.25).sum()) == 1
-    detection = detector.detect([_film(film, "tilted.png")])[0]
-    assert "film tilted" not in detection.message  # crops cut from the film as stored
-    assert min(_found(detection, boxes)) >= 0.5
-    assert sorted(joint.side for joint in detection.joints) == ["L", "R"]
+    for upper_only in (False, True):
+        looks = _first_look(detector, monkeypatch, keep=1 if upper_only else None)
+        detection = detector.detect([_film(film, "tilted.png")])[0]
+        assert "film tilted" not in detection.message  # crops cut from the film as stored
+        assert min(_found(detection, boxes)) >= 0.5
+        assert sorted(joint.side for joint in detection.joints) == ["L", "R"]
+        assert (len(looks) > 1) == upper_only, looks  # the straightened look: one more model call
 
 
 def test_two_views_side_by_side_give_no_box_between_them(detector, radiographs_dir, reference):
@@ -368,13 +423,13 @@ def test_a_laterality_tag_against_the_anatomy_is_reported_and_flagged(detector, 
 
 
 def test_a_knee_found_below_review_conf_needs_review(detector, radiographs_dir):
-    detection = detector.detect([read_radiograph(radiographs_dir / "stage_2_7.jpg")])[0]
-    assert all(not joint.needs_review for joint in detection.joints)  # confident knees: 0.87 and 0.77
-    strict = dataclasses.replace(detector, config=dataclasses.replace(detector.config, review_conf=0.8))
-    flagged = strict.detect([read_radiograph(radiographs_dir / "stage_2_7.jpg")])[0]
+    detection = detector.detect([read_radiograph(radiographs_dir / "stage_1_0.jpg")])[0]
+    assert all(not joint.needs_review for joint in detection.joints)  # confident knees: R 0.68, L 0.78
+    strict = dataclasses.replace(detector, config=dataclasses.replace(detector.config, review_conf=0.75))
+    flagged = strict.detect([read_radiograph(radiographs_dir / "stage_1_0.jpg")])[0]
     reasons = {joint.side: joint.review_reason for joint in flagged.joints}
-    assert reasons["R"] == ""
-    assert reasons["L"].startswith("low detector confidence 0.77 (below review_conf 0.8)")
+    assert reasons["L"] == ""
+    assert reasons["R"].startswith("low detector confidence 0.68 (below review_conf 0.75)")
 
 
 def test_other_checks_add_review_reasons_to_a_joint():
@@ -386,23 +441,23 @@ def test_other_checks_add_review_reasons_to_a_joint():
 
 def test_needs_review_in_joints_csv(tmp_path, radiographs_dir):
     result = CliRunner().invoke(
-        app, ["detect", str(radiographs_dir / "stage_2_7.jpg"), "--out", str(tmp_path), "review_conf=0.8"]
+        app, ["detect", str(radiographs_dir / "stage_1_0.jpg"), "--out", str(tmp_path), "review_conf=0.75"]
     )
     assert result.exit_code == EXIT_OK, result.output
     with (tmp_path / "joints.csv").open(newline="") as handle:
         rows = {row["side"]: row for row in csv.DictReader(handle)}
-    assert (rows["R"]["needs_review"], rows["R"]["review_reason"]) == ("false", "")
-    assert rows["L"]["needs_review"] == "true" and "low detector confidence" in rows["L"]["review_reason"]
+    assert (rows["L"]["needs_review"], rows["L"]["review_reason"]) == ("false", "")
+    assert rows["R"]["needs_review"] == "true" and "low detector confidence" in rows["R"]["review_reason"]
 
 
 @pytest.mark.slow
 def test_needs_review_in_results_summary_and_report(tmp_path, radiographs_dir):
     raw = tmp_path / "raw"
     raw.mkdir()
-    for name in ("stage_2_7.jpg", "arthritis_7.jpg"):
+    for name in ("stage_1_0.jpg", "arthritis_7.jpg"):
         (raw / name).symlink_to((radiographs_dir / name).resolve())
     out = tmp_path / "out"
-    args = ["run", str(raw), "--out", str(out), "--report", "--no-progress", "detect.review_conf=0.8"]
+    args = ["run", str(raw), "--out", str(out), "--report", "--no-progress", "detect.review_conf=0.75"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == EXIT_OK, result.output
     with (out / "results.csv").open(newline="") as handle:

@@ -600,8 +600,28 @@ class JointDetector:
                 detection = self.to_detection(radiographs[index], boxes, film_view)
                 detections[index] = self.check_quality(radiographs[index], detection, kind, trim)
             for index in (i for i in batch if orientations[i].sideways):
-                detections[index] = self.check_quality(radiographs[index], self.detect_sideways(radiographs[index]))
+                pixels = radiographs[index].pixels
+                detection = self.detect_sideways(radiographs[index])
+                detections[index] = self.check_quality(radiographs[index], detection, self.sideways_view(pixels))
         return detections  # type: ignore[return-value]
+
+    def sideways_view(self, pixels: np.ndarray) -> np.ndarray | None:
+        """The view classifier's reading of a film lying sideways, or ``None`` without a classifier.
+
+        The classifier learnt upright films: lying sideways, a foot reads as an AP knee (0.96 on a shared
+        foot). So the film is read turned upright both ways (one of them upside down), and a view is
+        named only as far as both turns agree: the lateral and no-knee probabilities are the lower of the
+        two turns'. Both upright turns of the shared feet read no knee 0.99-1.00, of the laterals
+        lateral 0.77-0.99, of the AP films lateral and no knee 0.05 at most.
+        """
+        if self.view_classifier is None:
+            return None
+        turns = self.view_classifier.probabilities([turned_view(pixels, k).pixels for k in (1, -1)])
+        lateral, no_knee = VIEW_CLASSES.index(VIEW_LATERAL), VIEW_CLASSES.index(VIEW_NO_KNEE)
+        agreed = np.zeros(len(VIEW_CLASSES))
+        agreed[lateral], agreed[no_knee] = turns[:, lateral].min(), turns[:, no_knee].min()
+        agreed[VIEW_CLASSES.index(VIEW_AP)] = 1.0 - agreed[lateral] - agreed[no_knee]
+        return agreed
 
     def check_quality(
         self,
@@ -618,8 +638,8 @@ class JointDetector:
         and, like those of any film read lateral from ``config.view_review``, marked for
         review as a borderline view. A film the view classifier reads as showing no knee (probability
         at least ``config.no_knee_threshold``) is refused as ``no_knee`` unless a joint reaches
-        ``config.no_knee_keep_conf`` (off by default: the shipped detector boxes no foot or hand on
-        its own). A film with no joint is ``no_knee``. Each joint
+        ``config.no_knee_keep_conf`` (a box the detector is unsure of on a foot or a hand does not
+        make it a knee). A film with no joint is ``no_knee``. Each joint
         found is then checked on its own, so one bad knee of a bilateral film leaves the other graded: a joint
         box lying beyond the film's edge by more than ``config.partial_fraction`` of its
         side is ``partial`` (the film's ``content`` bounds ``x0, y0, x1, y1`` in the pixels as read, when
