@@ -600,9 +600,9 @@ class JointDetector:
                 detection = self.to_detection(radiographs[index], boxes, film_view)
                 detections[index] = self.check_quality(radiographs[index], detection, kind, trim)
             for index in (i for i in batch if orientations[i].sideways):
-                pixels = radiographs[index].pixels
-                detection = self.detect_sideways(radiographs[index])
-                detections[index] = self.check_quality(radiographs[index], detection, self.sideways_view(pixels))
+                radiograph = radiographs[index]
+                detection = self.detect_sideways(radiograph)
+                detections[index] = self.check_quality(radiograph, detection, self.sideways_view(radiograph.pixels))
         return detections  # type: ignore[return-value]
 
     def sideways_view(self, pixels: np.ndarray) -> np.ndarray | None:
