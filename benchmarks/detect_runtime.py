@@ -1,8 +1,12 @@
 """The detector on each runtime: radiographs/s on the shared radiographs, PyTorch (the reference), OpenVINO, ONNX.
 
+Runtimes: ``torch``, ``openvino-int8`` (the INT8 IR, the default), ``openvino`` (float32 IR)
+and ``onnx``.
+
 Decodes the films once, then runs :meth:`JointDetector.detect` (thresholds, the contrast
 rescue pass, crops) over all of them on each runtime in turn, ``--rounds`` times
-interleaved, and prints radiographs/s (best round) and the smallest box IoU between them.
+interleaved, and prints radiographs/s (best round) and, for each compiled runtime, the
+smallest and mean box IoU and the largest confidence difference against PyTorch.
 
     python benchmarks/detect_runtime.py [--rounds 3]
 """
@@ -31,7 +35,7 @@ def main() -> None:
     radiographs = [read_radiograph(path) for path in list_inputs(args.radiographs).files]
     detectors = {
         runtime: JointDetector.load(load_config(DetectConfig, overrides={"runtime": runtime}))
-        for runtime in ("torch", "openvino", "onnx")
+        for runtime in ("torch", "openvino-int8", "openvino", "onnx")
     }
     seconds: dict[str, list[float]] = {runtime: [] for runtime in detectors}
     found = {}
@@ -45,15 +49,18 @@ def main() -> None:
     for runtime, detector in detectors.items():
         rate = len(radiographs) / min(seconds[runtime])
         print(f"{detector.runtime}: {rate:.2f} radiographs/s (best of {args.rounds} interleaved rounds)")
-    for runtime in ("openvino", "onnx"):
-        ious, differ = [], []
+    for runtime in ("openvino-int8", "openvino", "onnx"):
+        ious, confidence, differ = [], [], []
         for ref, other in zip(found["torch"], found[runtime], strict=True):
             if ref.status != other.status or len(ref.joints) != len(other.joints):
                 differ.append(f"{ref.image.name} ({len(ref.joints)} vs {len(other.joints)} joints)")
                 continue
             ious += [box_iou(a.box, b.box) for a, b in zip(ref.joints, other.joints, strict=True)]
+            confidence += [abs(a.confidence - b.confidence) for a, b in zip(ref.joints, other.joints, strict=True)]
         print(
-            f"{runtime}: {len(ious)} joints, smallest box IoU vs torch {min(ious):.4f}, "
+            f"{runtime}: {len(ious)} joints, box IoU vs torch smallest {min(ious):.4f}, "
+            f"mean {sum(ious) / len(ious):.4f}, "
+            f"largest confidence difference {max(confidence):.3f}, "
             f"films that differ: {', '.join(differ) or 'none'}; "
             f"speed-up {min(seconds['torch']) / min(seconds[runtime]):.2f}x"
         )

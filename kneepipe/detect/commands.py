@@ -84,10 +84,17 @@ def export_detector(
         int | None,
         typer.Option(help="Inference size to trace at (default: detect.imgsz); an onnx graph takes any size."),
     ] = None,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(help="Training crops <grade>/<crop>.png: quantise to INT8, calibrated on films made of them."),
+    ] = None,
+    films: Annotated[int, typer.Option(help="Calibration pseudo-radiographs composed from --calibration.")] = 300,
+    seed: Annotated[int, typer.Option(help="Seed of the calibration films.")] = 0,
     verbose: VerboseOption = False,
 ) -> None:
     """Compile the detector beside its weights; `detect.runtime=openvino` (or `onnx`) runs it.
 
+    With --calibration the OpenVINO network is quantised to INT8 (`detect.runtime=openvino-int8`).
     A record of the weights' digest and the compiled files' checksums ties them; the .pt file
     stays the reference (`detect.runtime=torch`).
     """
@@ -98,6 +105,8 @@ def export_detector(
 
     if fmt not in FORMATS:
         fail(f"format {fmt!r}: the detector exports to {' or '.join(FORMATS)}")
+    if calibration is not None and fmt != "openvino":
+        fail(f"format {fmt!r}: INT8 (--calibration) is compiled for openvino only")
     if imgsz is None:
         from kneepipe.config import load_config
         from kneepipe.detect.config import DetectConfig
@@ -109,12 +118,12 @@ def export_detector(
 
     try:
         with native_logs_hidden():
-            compiled = export(model, imgsz, fmt)
+            compiled = export(model, imgsz, fmt, calibration, films, seed)
     except (OSError, ValueError) as err:
         fail(f"cannot export the detector: {err}")
     files = [compiled] if compiled.is_file() else sorted(compiled.iterdir())
     size = sum(path.stat().st_size for path in files) / 1e6
     from kneepipe.detect.predict import DEFAULT_WEIGHTS
 
-    record = compiled_paths(model or DEFAULT_WEIGHTS, fmt)[1]
+    record = compiled_paths(model or DEFAULT_WEIGHTS, fmt, calibration is not None)[1]
     console.print(f"wrote {escape(str(compiled))} ({size:.1f} MB) and its record {record.name}")

@@ -16,7 +16,7 @@ class DetectConfig:
 
     # Detection.
     model: str | None
-    runtime: str = field(metadata=rule(choices=["openvino", "onnx", "torch"]))
+    runtime: str = field(metadata=rule(choices=["openvino-int8", "openvino", "onnx", "torch"]))
     imgsz: int = field(metadata=rule(range=(64, 2048)))
     conf: float = field(metadata=rule(range=(0.0, 1.0)))
     pair_conf: float = field(metadata=rule(range=(0.0, 1.0)))

@@ -454,21 +454,24 @@ class JointDetector:
         prepare_frameworks()
         from ultralytics import YOLO
 
-        runtime, network = "torch", weights
-        if config.runtime != "torch" and weights.suffix == ".pt":
-            from kneepipe.detect.compiled import find_compiled
+        runtime, network, fmt = "torch", weights, "torch"
+        if weights.suffix == ".pt":
+            from kneepipe.detect.compiled import find_compiled, runtime_choices
 
-            compiled, why = find_compiled(weights, config.runtime, config.imgsz)
-            if compiled is None:
-                log.warning("detect.runtime %s: %s: detecting with PyTorch", config.runtime, why)
-            else:
-                network, runtime = compiled, f"{config.runtime} ({compiled.name})"
+            for fmt, int8 in runtime_choices(config.runtime):
+                compiled, why = find_compiled(weights, fmt, config.imgsz, int8)
+                if compiled is not None:
+                    network, runtime = compiled, f"{fmt}{'-int8' if int8 else ''} ({compiled.name})"
+                    break
+                log.warning("detect.runtime %s: %s", config.runtime, why)
+            if network == weights and config.runtime != "torch":
+                log.warning("detect.runtime %s: no compiled network to run: detecting with PyTorch", config.runtime)
         model = YOLO(str(network), task="detect")
-        if config.runtime == "openvino" and network != weights:
+        if network != weights and fmt == "openvino":
             from kneepipe.detect.compiled import in_float32
 
             if not in_float32(model, config.imgsz):
-                log.warning("detect.runtime openvino: float32 could not be set; the CPU's default precision runs")
+                log.warning("detect.runtime %s: float32 could not be set; the CPU's default precision runs", fmt)
                 runtime += " default precision"
         names = [str(model.names[i]) for i in sorted(model.names)]
         if names != ["right_knee", "left_knee"]:
