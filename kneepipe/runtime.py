@@ -12,6 +12,7 @@ caller happens to load first.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import tempfile
@@ -56,7 +57,9 @@ def native_logs_hidden() -> Iterator[None]:
 
     TensorFlow's C++ start-up lines ignore ``TF_CPP_MIN_LOG_LEVEL`` (they are printed
     before its logging starts), so the process's stderr is pointed at a scratch file while
-    the models load. If loading fails, what was printed is shown after all.
+    the models load. If loading fails, what was printed is shown after all. kneepipe's own
+    warnings (a compiled network passed over and why, a check turned off) are held and
+    shown once stderr is back.
     """
     if _verbose:
         yield
@@ -67,6 +70,9 @@ def native_logs_hidden() -> Iterator[None]:
     except (OSError, ValueError, AttributeError):
         yield
         return
+    held = _HeldWarnings()
+    logger = logging.getLogger("kneepipe")
+    logger.addHandler(held)
     with tempfile.TemporaryFile() as capture:
         os.dup2(capture.fileno(), 2)
         failed = True
@@ -77,9 +83,23 @@ def native_logs_hidden() -> Iterator[None]:
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
+            logger.removeHandler(held)
             if failed:
                 capture.seek(0)
                 sys.stderr.write(capture.read().decode("utf-8", "replace"))
+            for record in held.records:
+                sys.stderr.write(f"warning: {record.getMessage()}\n")
+
+
+class _HeldWarnings(logging.Handler):
+    """Keeps the warning records logged while stderr points elsewhere."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 def prepare_frameworks() -> None:

@@ -696,6 +696,23 @@ def test_framework_start_up_noise_stays_off_the_terminal(tmp_path, oai_dir):
     assert "graded 1 crops" in done.stderr and "1 entries skipped (0 hidden)" in done.stderr
 
 
+def test_kneepipe_warnings_while_models_load_reach_the_terminal_and_native_noise_does_not(capfd):
+    import logging
+
+    from kneepipe.runtime import native_logs_hidden, set_verbosity
+
+    set_verbosity(False)
+    handlers = list(logging.getLogger("kneepipe").handlers)
+    with native_logs_hidden():
+        os.write(2, b"oneDNN custom operations are on\n")
+        logging.getLogger("kneepipe.detect.predict").warning("detect.runtime openvino-int8: no INT8 network")
+        logging.getLogger("kneepipe.detect.predict").info("an aside")
+    err = capfd.readouterr().err
+    assert "warning: detect.runtime openvino-int8: no INT8 network" in err
+    assert "oneDNN" not in err and "an aside" not in err
+    assert logging.getLogger("kneepipe").handlers == handlers  # outside the block, warnings go where they went
+
+
 @pytest.mark.slow
 def test_an_output_that_cannot_be_written_fails_cleanly(clean_folder, tmp_path, loaded_once):
     blocked = tmp_path / "a_file"

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import tempfile
 from functools import partial
@@ -228,8 +229,14 @@ def in_float32(model: Any, imgsz: int) -> bool:
     bit), and the cores do more of the work in parallel.
     """
     import openvino as ov
+    from ultralytics.utils import LOGGER
 
-    model.predict(source=np.zeros((imgsz, imgsz, 3), np.uint8), imgsz=imgsz, device="cpu", verbose=False)
+    level = LOGGER.level
+    LOGGER.setLevel(logging.WARNING)  # its notes on the first compilation ("batch=1") no longer hold
+    try:
+        model.predict(source=np.zeros((imgsz, imgsz, 3), np.uint8), imgsz=imgsz, device="cpu", verbose=False)
+    finally:
+        LOGGER.setLevel(level)
     backend = getattr(getattr(model.predictor, "model", None), "backend", None)
     if backend is None or getattr(backend, "ov_compiled_model", None) is None:
         return False
