@@ -15,6 +15,7 @@ from kneepipe.detect.config import DetectConfig
 from kneepipe.detect.evaluate import box_iou
 from kneepipe.detect.predict import DEFAULT_WEIGHTS, JointDetector
 from kneepipe.imaging import list_inputs, read_radiograph
+from kneepipe.training.quantise import export_int8_detector
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +36,8 @@ def pytorch_detections(radiographs):
     [
         ("openvino", "openvino (detector_openvino_model)", 0.99, 0.99, 0.02),
         ("onnx", "onnx (detector.onnx)", 0.99, 0.99, 0.02),
-        # INT8 moves a box by a few of the network's input pixels: measured smallest 0.949, mean 0.983, 0.043.
-        ("openvino-int8", "openvino-int8 (detector_int8_openvino_model)", 0.94, 0.97, 0.06),
+        # INT8 moves a box by a few of the network's input pixels: measured smallest 0.955, mean 0.984, 0.045.
+        ("openvino-int8", "openvino-int8 (detector_int8_openvino_model)", 0.95, 0.97, 0.06),
     ],
 )
 def test_the_compiled_detector_boxes_match_pytorch_on_the_shared_radiographs(
@@ -79,19 +80,22 @@ def test_an_int8_export_is_calibrated_on_films_of_training_crops_and_finds_the_k
     weights = tmp_path / DEFAULT_WEIGHTS.name
     shutil.copy(DEFAULT_WEIGHTS, weights)
     with pytest.raises(ValueError, match="never on val"):
-        export_detector(weights, 416, "openvino", calibration=oai_dir / "val", films=4)
+        export_int8_detector(weights, oai_dir / "val", films=4)
+    with pytest.raises(ValueError, match="no crops under <grade>/ folders"):
+        export_int8_detector(weights, tmp_path, films=4)
     with pytest.raises(ValueError, match="INT8 is compiled for openvino only"):
-        export_detector(weights, 416, "onnx", calibration=oai_dir / "train", films=4)
-    model_path = export_detector(weights, 416, "openvino", calibration=oai_dir / "train", films=6, seed=1)
+        export_detector(weights, 416, "onnx", quantise=lambda exported: {})
+    model_path = export_int8_detector(weights, oai_dir / "train", 416, films=6, seed=1)
     assert model_path == tmp_path / "detector_int8_openvino_model"
     record = json.loads((tmp_path / "detector.openvino-int8.json").read_text())
     assert record["precision"] == "int8" and record["imgsz"] == 416
     assert record["calibration"]["folder"] == "train" and record["calibration"]["films"] == 6
-    assert "first convolution and the head in float32" in record["calibration"]["method"]
+    assert "the first convolution, the activations, the head and the neck blocks" in record["calibration"]["method"]
+    assert record["calibration"]["in_float32"] == [f"__module.model.{n}" for n in (15, 18, 21, 22)]
     assert "(INT8)" in (model_path / "metadata.yaml").read_text()
-    # Quantised: the IR holds INT8 weights and is far smaller than the float32 one beside the shipped weights.
+    # Quantised: the IR holds INT8 weights and is smaller than the float32 one beside the shipped weights.
     float_ir = compiled_paths(DEFAULT_WEIGHTS, "openvino")[0] / "detector.bin"
-    assert (model_path / "detector.bin").stat().st_size < 0.5 * float_ir.stat().st_size
+    assert (model_path / "detector.bin").stat().st_size < 0.75 * float_ir.stat().st_size
     detector = JointDetector.load(load_config(DetectConfig, overrides={"model": str(weights)}))
     assert detector.runtime == "openvino-int8 (detector_int8_openvino_model)"
     (found,) = detector.detect([read_radiograph(radiographs_dir / "bilateral_0.png")])

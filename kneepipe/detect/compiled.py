@@ -6,10 +6,12 @@ Ultralytics exports the PyTorch weights ``NAME.pt`` (float32) to
   Ultralytics' ``metadata.yaml``), traced at the inference size ``detect.imgsz``, run in
   float32 (:func:`in_float32`: left to itself OpenVINO runs bfloat16 on CPUs that have it,
   and a faint knee the PyTorch weights find was lost on one shared film);
-* ``openvino`` calibrated on training crops: the folder ``NAME_int8_openvino_model/``, the
-  same IR quantised to INT8 by NNCF's post-training quantisation (:func:`quantise`),
-  calibrated on pseudo-radiographs composed from training crops (never val), its first
-  convolution and its detection head left in float32; run by ``detect.runtime=openvino-int8``;
+* ``openvino`` quantised: the folder ``NAME_int8_openvino_model/``, the same IR quantised to
+  INT8 by NNCF's post-training quantisation, calibrated on pseudo-radiographs composed from
+  training crops (never val), its first convolution, activations, head and the neck blocks
+  the head reads left in float32
+  (:mod:`kneepipe.training.quantise`, which composes the films); run by
+  ``detect.runtime=openvino-int8``;
 * ``onnx``: ``NAME.onnx`` (dynamic batch and size), run by ONNX Runtime in float32.
 
 A record beside the weights (``NAME.openvino.json``, ``NAME.openvino-int8.json``,
@@ -29,6 +31,7 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -39,7 +42,6 @@ from kneepipe.files import file_digest, write_atomic
 
 FORMATS = ("openvino", "onnx")
 RUNTIMES = ("openvino-int8", "openvino", "onnx", "torch")
-CALIBRATION_FILMS = 300  # pseudo-radiographs an INT8 export is calibrated on
 
 
 def sha256(path: Path) -> str:
@@ -82,16 +84,14 @@ def export_detector(
     weights: str | Path | None,
     imgsz: int = 416,
     fmt: str = "onnx",
-    calibration: str | Path | None = None,
-    films: int = CALIBRATION_FILMS,
-    seed: int = 0,
+    quantise: Callable[[Path], dict[str, Any]] | None = None,
 ) -> Path:
     """Export detector weights (``None``: the shipped ones) beside them; return the compiled model's path.
 
     ``openvino`` is traced at ``imgsz`` (the size ``detect.imgsz`` runs it at; the record says
-    which); ``onnx`` takes any size. With ``calibration``, a folder of training crops
-    (``<grade>/<crop>.png``, never val), the OpenVINO network is quantised to INT8,
-    calibrated on ``films`` pseudo-radiographs composed from them with ``seed``.
+    which); ``onnx`` takes any size. ``quantise`` (OpenVINO only) quantises the exported IR's
+    folder in place and returns what it was calibrated on; the network is then written as
+    the INT8 one (:func:`kneepipe.training.quantise.export_int8_detector`).
     """
     from ultralytics import YOLO
 
@@ -100,10 +100,7 @@ def export_detector(
     weights = Path(weights) if weights else DEFAULT_WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: detector weights not found")
-    crops = Path(calibration) if calibration is not None else None
-    if crops is not None and crops.name == "val":
-        raise ValueError(f"{crops}: calibrate on training crops, never on val (the figures are measured there)")
-    model_path, record_path = compiled_paths(weights, fmt, crops is not None)
+    model_path, record_path = compiled_paths(weights, fmt, quantise is not None)
     record: dict[str, Any] = {
         "format": fmt,
         "weights": weights.name,
@@ -117,92 +114,22 @@ def export_detector(
         exported = Path(
             YOLO(str(copy), task="detect").export(format=fmt, imgsz=imgsz, device="cpu", verbose=False, **options)
         )
-        if crops is not None:
+        if quantise is not None:
             record["precision"] = "int8"
-            record["calibration"] = quantise(exported, crops, imgsz, films, seed)
+            record["calibration"] = quantise(exported)
         if fmt == "onnx":
             write_atomic(model_path, exported.read_bytes())
         else:
             staged = Path(tempfile.mkdtemp(dir=weights.parent, prefix=f".{model_path.name}."))
             for path in _files(exported):
                 shutil.copy(path, staged / path.name)
-            _describe(staged / "metadata.yaml", weights, "float32" if crops is None else "INT8")
+            _describe(staged / "metadata.yaml", weights, "float32" if quantise is None else "INT8")
             if model_path.exists():
                 shutil.rmtree(model_path)
             staged.rename(model_path)
     record["sha256"] = {path.name: sha256(path) for path in _files(model_path)}
     write_atomic(record_path, json.dumps(record, indent=2) + "\n")
     return model_path
-
-
-def calibration_inputs(network: Path, crops: Path, imgsz: int, films: int, seed: int) -> list[np.ndarray]:
-    """The network inputs of ``films`` pseudo-radiographs composed from the crops under ``crops``.
-
-    The films are framed as the detector was trained (some knees small on wide or full-leg
-    films, some washed out) and prepared as the detector prepares a film: its own resize
-    (:func:`~kneepipe.detect.predict.model_input`), then Ultralytics' letterbox.
-    """
-    from ultralytics import YOLO
-
-    from kneepipe.detect.predict import model_input
-    from kneepipe.imaging import read_radiograph
-    from kneepipe.training.compose import compose_dataset
-
-    model = YOLO(str(network), task="detect")
-    model.predict(source=np.zeros((imgsz, imgsz, 3), np.uint8), imgsz=imgsz, device="cpu", verbose=False)
-    predictor = model.predictor  # set up by the first prediction: Ultralytics' own letterbox and scaling
-    assert predictor is not None
-    inputs = []
-    with tempfile.TemporaryDirectory() as scratch:
-        compose_dataset(crops, Path(scratch), films, seed=seed, scale_variety=0.3, exposure_variety=0.15)
-        for path in sorted((Path(scratch) / "images").iterdir()):
-            pixels, _ = model_input(read_radiograph(path).pixels, imgsz)
-            inputs.append(predictor.preprocess([pixels]).numpy())
-    return inputs
-
-
-def quantise(exported: Path, crops: Path, imgsz: int, films: int, seed: int) -> dict[str, Any]:
-    """Quantise the OpenVINO IR in the folder ``exported`` to INT8 in place; what it was calibrated on.
-
-    NNCF's post-training quantisation (mixed preset). The first convolution, which reads
-    the film's grey levels, and the whole detection head (its box and class convolutions,
-    the box distribution's decoding, the sigmoids) stay in float32. Ultralytics' own INT8
-    export quantises the head's convolutions too: on the shared radiographs that moved a
-    faint knee's box further from PyTorch's, for a network a third faster again.
-    """
-    import nncf
-    import openvino as ov
-
-    if not any(crops.glob("[0-4]/*")):
-        raise ValueError(f"{crops}: no crops under <grade>/ folders 0-4 to compose calibration films from")
-    xml = next(exported.glob("*.xml"))
-    network = ov.Core().read_model(xml)
-    operations = network.get_ordered_ops()
-    sigmoids = [op.get_friendly_name() for op in operations if op.get_type_name() == "Sigmoid"]
-    head = sigmoids[-1].split("/", 1)[0]
-    first_conv = next(op.get_friendly_name() for op in operations if op.get_type_name() == "Convolution")
-    in_float = [first_conv] + [
-        op.get_friendly_name()
-        for op in operations
-        if op.get_type_name() == "Sigmoid" or op.get_friendly_name().startswith((f"{head}/", f"{head}."))
-    ]
-    inputs = calibration_inputs(exported, crops, imgsz, films, seed)
-    quantised = nncf.quantize(
-        network,
-        nncf.Dataset(inputs),
-        preset=nncf.QuantizationPreset.MIXED,
-        subset_size=len(inputs),
-        ignored_scope=nncf.IgnoredScope(names=in_float),
-    )
-    for path in exported.glob("*.bin"):
-        path.unlink()
-    ov.save_model(quantised, xml, compress_to_fp16=False)
-    return {
-        "folder": crops.name,
-        "films": len(inputs),
-        "seed": seed,
-        "method": "NNCF post-training quantisation (mixed preset); the first convolution and the head in float32",
-    }
 
 
 def _describe(metadata: Path, weights: Path, precision: str) -> None:

@@ -1,4 +1,4 @@
-"""``kneepipe train ...`` and ``kneepipe evaluate detector``: parse, resolve config, call the training library, print.
+"""``kneepipe train ...``, ``evaluate detector`` and ``export detector``: parse, call the library, print.
 
 Only typer loads at import time; the trainers, their frameworks and the training-only
 packages (the ``[train]`` extra) load when a command runs.
@@ -12,8 +12,18 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
-from kneepipe.cli_common import EXIT_CONFIG, EXIT_FAILED, ConfigOption, OverridesArgument, console, fail, resolve_config
+from kneepipe.cli_common import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    ConfigOption,
+    OverridesArgument,
+    VerboseOption,
+    console,
+    fail,
+    resolve_config,
+)
 
 OutOption = Annotated[Path, typer.Option("--out", "-o", help="Run folder (created; resumed where the trainer can).")]
 DataOption = Annotated[
@@ -316,3 +326,60 @@ def train_view(
     for view, figures in report.get("leave_one_film_out", {}).items():
         if isinstance(figures, dict):
             console.print(f"leave one film out, {view}: {figures['named_lateral']}/{figures['films']} named lateral")
+
+
+def export_detector(
+    model: Annotated[
+        Path | None, typer.Option("--model", help="Detector weights (.pt); default: the shipped ones.")
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="Compiled format: openvino or onnx.")] = "openvino",
+    imgsz: Annotated[
+        int | None,
+        typer.Option(help="Inference size to trace at (default: detect.imgsz); an onnx graph takes any size."),
+    ] = None,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(help="Training crops <grade>/<crop>.png: quantise to INT8, calibrated on films made of them."),
+    ] = None,
+    films: Annotated[int, typer.Option(help="Calibration pseudo-radiographs composed from --calibration.")] = 300,
+    seed: Annotated[int, typer.Option(help="Seed of the calibration films.")] = 0,
+    verbose: VerboseOption = False,
+) -> None:
+    """Compile the detector beside its weights; `detect.runtime=openvino` (or `onnx`) runs it.
+
+    With --calibration the OpenVINO network is quantised to INT8 (`detect.runtime=openvino-int8`).
+    A record of the weights' digest and the compiled files' checksums ties them; the .pt file
+    stays the reference (`detect.runtime=torch`).
+    """
+    from kneepipe.runtime import native_logs_hidden, prepare_frameworks, set_verbosity
+
+    set_verbosity(verbose)
+    from kneepipe.detect.compiled import FORMATS
+
+    if fmt not in FORMATS:
+        fail(f"format {fmt!r}: the detector exports to {' or '.join(FORMATS)}")
+    if calibration is not None and fmt != "openvino":
+        fail(f"format {fmt!r}: INT8 (--calibration) is compiled for openvino only")
+    if imgsz is None:
+        from kneepipe.config import load_config
+        from kneepipe.detect.config import DetectConfig
+
+        imgsz = load_config(DetectConfig).imgsz
+    prepare_frameworks()
+    from kneepipe.detect.compiled import compiled_paths, export_detector
+    from kneepipe.training.quantise import export_int8_detector
+
+    try:
+        with native_logs_hidden():
+            if calibration is None:
+                compiled = export_detector(model, imgsz, fmt)
+            else:
+                compiled = export_int8_detector(model, calibration, imgsz, films, seed)
+    except (OSError, ValueError) as err:
+        fail(f"cannot export the detector: {err}")
+    files = [compiled] if compiled.is_file() else sorted(compiled.iterdir())
+    size = sum(path.stat().st_size for path in files) / 1e6
+    from kneepipe.detect.predict import DEFAULT_WEIGHTS
+
+    record = compiled_paths(model or DEFAULT_WEIGHTS, fmt, calibration is not None)[1]
+    console.print(f"wrote {escape(str(compiled))} ({size:.1f} MB) and its record {record.name}")
