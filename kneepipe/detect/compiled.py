@@ -41,7 +41,6 @@ import numpy as np
 from kneepipe.files import file_digest, write_atomic
 
 FORMATS = ("openvino", "onnx")
-RUNTIMES = ("openvino-int8", "openvino", "onnx", "torch")
 
 
 def sha256(path: Path) -> str:
