@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -221,6 +222,24 @@ def test_the_shipped_view_classifier_reads_the_shipped_detector(detector):
     assert detector.view_classifier is not None
     probabilities = detector.view_classifier.probabilities([np.full((300, 200), 90, np.uint8)])
     assert probabilities.shape == (1, 3) and probabilities.sum() == pytest.approx(1.0)
+
+
+def test_the_compiled_view_features_read_every_shared_film_as_pytorch_does(detector, radiographs_dir):
+    """On an OpenVINO runtime the view check's backbone runs compiled; PyTorch is the reference it was fitted on."""
+    assert detector.runtime.startswith("openvino") and detector.view_classifier.compiled is not None
+    torch_config = load_config(DetectConfig, overrides={"runtime": "torch"})
+    reference = load_view_classifier(torch_config, DEFAULT_WEIGHTS)
+    assert reference is not None and reference.compiled is None
+    films = [read_radiograph(path).pixels for path in sorted(radiographs_dir.iterdir())]
+    compiled = detector.view_classifier.probabilities(films[::2])  # odd batch sizes: the network takes any
+    expected = reference.probabilities(films[::2])
+    assert len(films[::2]) >= 13
+    np.testing.assert_allclose(compiled, expected, atol=1e-4)
+    assert (compiled.argmax(axis=1) == expected.argmax(axis=1)).all()
+    # one film at a time, from threads sharing the network, reads the same
+    with ThreadPoolExecutor(2) as pool:
+        singles = list(pool.map(lambda film: detector.view_classifier.probabilities([film])[0], films[::2]))
+    np.testing.assert_allclose(np.array(singles), compiled, atol=1e-5)
 
 
 def test_a_view_classifier_of_another_detector_is_refused_with_the_fix(tmp_path, caplog):

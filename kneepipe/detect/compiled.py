@@ -31,7 +31,7 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -176,6 +176,46 @@ def in_float32(model: Any, imgsz: int) -> bool:
     backend.ov_compiled_model = backend.compile_model(network)
     backend.metadata["dynamic"] = True  # Ultralytics then passes the whole batch, unpadded
     return backend.ov_compiled_model.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
+
+
+def compile_view_features(backbone: Any, size: int, layers: Sequence[int]) -> Callable[[np.ndarray], np.ndarray]:
+    """The view classifier's features (:func:`~kneepipe.detect.quality.boxed_features`) as one OpenVINO network.
+
+    The detector backbone's first layers and the pooling of ``layers`` are traced once
+    (about 1.5 s) and compiled in float32 for any batch size at ``size``: the features equal
+    PyTorch's to about 1e-6 of their range, in about a third of the time on a 2-core CPU.
+    The returned function takes :func:`~kneepipe.detect.quality.backbone_input`'s array and
+    returns ``(n, features)``; each call has its own inference request, so threads may share it.
+    """
+    import warnings
+
+    import openvino as ov
+    import torch
+
+    from kneepipe.detect.quality import pooled_features
+
+    class Pooled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = backbone
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return pooled_features(self.backbone, layers, x)
+
+    with warnings.catch_warnings():  # the tracer's deprecation notes are not the user's concern
+        warnings.simplefilter("ignore")
+        network = ov.convert_model(
+            Pooled().eval(), example_input=torch.zeros(1, 3, size, size), input=[(-1, 3, size, size)]
+        )
+    settings = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    compiled = ov.Core().compile_model(network, "CPU", settings)
+
+    def features(batch: np.ndarray) -> np.ndarray:
+        request = compiled.create_infer_request()
+        request.infer({0: batch})
+        return request.get_output_tensor(0).data.copy()
+
+    return features
 
 
 def find_compiled(

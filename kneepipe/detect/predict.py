@@ -358,20 +358,29 @@ def pair_partner(main: np.ndarray, candidates: np.ndarray) -> np.ndarray | None:
     return best
 
 
-def load_view_classifier(config: DetectConfig, detector_weights: Path) -> ViewClassifier | None:
+def load_view_classifier(config: DetectConfig, detector_weights: Path, compiled: bool = False) -> ViewClassifier | None:
     """The view classifier ``config`` asks for, fitted on ``detector_weights``' backbone; None when off.
 
     A classifier fitted on another detector's backbone cannot read this one's features:
     the view check is then off, with a warning (``kneepipe train view`` refits it).
+    ``compiled``: its backbone runs as an OpenVINO network
+    (:func:`~kneepipe.detect.compiled.compile_view_features`), as the detector does on an
+    OpenVINO runtime; otherwise in PyTorch, the reference it was fitted with.
     """
     if not config.view_check:
         return None
     path = Path(config.view_model) if config.view_model else DEFAULT_VIEW_MODEL
     try:
-        return ViewClassifier.load(path, detector_weights)
+        classifier = ViewClassifier.load(path, detector_weights)
     except ValueError as err:
         log.warning("view check off: %s", err)
         return None
+    if compiled:
+        from kneepipe.detect.compiled import compile_view_features
+
+        features = compile_view_features(classifier.backbone, classifier.size, classifier.layers)
+        classifier = dataclasses.replace(classifier, compiled=features)
+    return classifier
 
 
 @dataclass(frozen=True)
@@ -483,7 +492,7 @@ class JointDetector:
             version=file_version(weights),
             runtime=runtime,
             side_classifier=SideClassifier.load(),
-            view_classifier=load_view_classifier(config, weights),
+            view_classifier=load_view_classifier(config, weights, compiled=runtime.startswith("openvino")),
         )
 
     def check_film(self, radiograph: Radiograph) -> FilmChecks:

@@ -19,7 +19,7 @@ meaningless, so with a detector whose backbone differs the view check is off and
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -313,15 +313,27 @@ def boxed_features(backbone: Any, boxed: Sequence[np.ndarray], layers: Sequence[
     """:func:`view_features` of films already letterboxed (``uint8`` squares of the classifier's size)."""
     import torch
 
-    batch = np.stack(boxed).astype(np.float32) / 255.0
-    x = torch.from_numpy(np.repeat(batch[:, None], 3, axis=1))
-    pooled = []
     with torch.inference_mode():
-        for index, layer in enumerate(backbone):
-            x = layer(x)
-            if index in layers:
-                pooled += [x.mean(dim=(2, 3)), x.amax(dim=(2, 3))]
-    return torch.cat(pooled, dim=1).numpy().astype(np.float64)
+        features = pooled_features(backbone, layers, torch.from_numpy(backbone_input(boxed)))
+    return features.numpy().astype(np.float64)
+
+
+def backbone_input(boxed: Sequence[np.ndarray]) -> np.ndarray:
+    """Letterboxed films as the detector sees its input: ``(n, 3, size, size)`` float32 in 0-1, three equal channels."""
+    batch = np.stack(boxed).astype(np.float32) / 255.0
+    return np.ascontiguousarray(np.repeat(batch[:, None], 3, axis=1))
+
+
+def pooled_features(backbone: Any, layers: Sequence[int], x: Any) -> Any:
+    """The backbone run on the tensor ``x``: the mean and the maximum of each channel of ``layers``, side by side."""
+    import torch
+
+    pooled = []
+    for index, layer in enumerate(backbone):
+        x = layer(x)
+        if index in layers:
+            pooled += [x.mean(dim=(2, 3)), x.amax(dim=(2, 3))]
+    return torch.cat(pooled, dim=1)
 
 
 @dataclass
@@ -338,6 +350,9 @@ class ViewClassifier:
         size: the letterbox side the features are computed at.
         layers: the backbone layers whose channels are pooled.
         version: the file's name and content hash, recorded beside outputs.
+        compiled: the same features from a compiled network
+            (:func:`kneepipe.detect.compiled.compile_view_features`), or None: the backbone
+            runs in PyTorch.
     """
 
     backbone: Any = field(repr=False)
@@ -349,6 +364,7 @@ class ViewClassifier:
     size: int
     layers: tuple[int, ...]
     version: str
+    compiled: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False)
 
     @classmethod
     def load(cls, path: Path, detector_weights: Path) -> ViewClassifier:
@@ -400,7 +416,10 @@ class ViewClassifier:
         """:meth:`probabilities` of films whose :meth:`film_input` is already made."""
         if not len(inputs):
             return np.empty((0, len(self.classes)))
-        features = boxed_features(self.backbone, inputs, self.layers)
+        if self.compiled is None:
+            features = boxed_features(self.backbone, inputs, self.layers)
+        else:
+            features = self.compiled(backbone_input(inputs)).astype(np.float64)
         logits = ((features - self.mean) / self.scale) @ self.coef.T + self.intercept
         logits -= logits.max(axis=1, keepdims=True)
         odds = np.exp(logits)
