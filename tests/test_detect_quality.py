@@ -227,6 +227,8 @@ def test_the_shipped_view_classifier_reads_the_shipped_detector(detector):
 def test_the_compiled_view_features_read_every_shared_film_as_pytorch_does(detector, radiographs_dir):
     """On an OpenVINO runtime the view check's backbone runs compiled; PyTorch is the reference it was fitted on."""
     assert detector.runtime.startswith("openvino") and detector.view_classifier.compiled is not None
+    # traced once a process: a detector loaded again reuses the network
+    assert JointDetector.load().view_classifier.compiled is detector.view_classifier.compiled
     torch_config = load_config(DetectConfig, overrides={"runtime": "torch"})
     reference = load_view_classifier(torch_config, DEFAULT_WEIGHTS)
     assert reference is not None and reference.compiled is None

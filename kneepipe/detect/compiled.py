@@ -31,6 +31,7 @@ import json
 import logging
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -178,15 +179,30 @@ def in_float32(model: Any, imgsz: int) -> bool:
     return backend.ov_compiled_model.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
 
 
+_VIEW_NETWORKS: dict[tuple[str, int, tuple[int, ...]], Callable[[np.ndarray], np.ndarray]] = {}
+_VIEW_NETWORKS_LOCK = threading.Lock()
+
+
 def compile_view_features(backbone: Any, size: int, layers: Sequence[int]) -> Callable[[np.ndarray], np.ndarray]:
     """The view classifier's features (:func:`~kneepipe.detect.quality.boxed_features`) as one OpenVINO network.
 
-    The detector backbone's first layers and the pooling of ``layers`` are traced once
-    (about 1.5 s) and compiled in float32 for any batch size at ``size``: the features equal
+    The detector backbone's first layers and the pooling of ``layers`` are traced (about
+    1.5 s) and compiled in float32 for any batch size at ``size``: the features equal
     PyTorch's to about 1e-6 of their range, in about a third of the time on a 2-core CPU.
+    A process compiles each backbone once (by its digest): detectors loaded again share it.
     The returned function takes :func:`~kneepipe.detect.quality.backbone_input`'s array and
     returns ``(n, features)``; each call has its own inference request, so threads may share it.
     """
+    from kneepipe.detect.quality import backbone_digest
+
+    key = (backbone_digest(backbone), int(size), tuple(int(layer) for layer in layers))
+    with _VIEW_NETWORKS_LOCK:
+        if key not in _VIEW_NETWORKS:
+            _VIEW_NETWORKS[key] = _traced_view_features(backbone, size, key[2])
+        return _VIEW_NETWORKS[key]
+
+
+def _traced_view_features(backbone: Any, size: int, layers: tuple[int, ...]) -> Callable[[np.ndarray], np.ndarray]:
     import warnings
 
     import openvino as ov
