@@ -52,7 +52,9 @@ REFUSED_STATUSES = frozenset(
 )
 
 # emoji=False: a file name or a message holding ":x:" is printed as written, not as an emoji.
-console = Console(stderr=True, emoji=False)
+# soft_wrap=True: a message is one line, wrapped by the terminal if at all, so a path in it is never cut
+# by a line break (logs stay greppable, paths stay copyable); progress bars still fit the terminal.
+console = Console(stderr=True, emoji=False, soft_wrap=True)
 
 ConfigOption = Annotated[
     Path | None,

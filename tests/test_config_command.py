@@ -36,3 +36,11 @@ def test_an_unknown_stage_or_key_is_refused():
     assert CliRunner().invoke(app, ["config", "train"]).exit_code == EXIT_CONFIG
     bad = CliRunner().invoke(app, ["config", "grade", "lr=fast"])
     assert bad.exit_code == EXIT_CONFIG and "lr" in bad.output
+
+
+def test_an_error_naming_a_long_path_keeps_the_path_on_one_line(tmp_path):
+    """Messages are not wrapped by the console: a path cut by a line break could not be copied or grepped."""
+    missing = tmp_path / ("a-folder-name-long-enough-to-pass-any-terminal-width-" * 3) / "site.yaml"
+    result = CliRunner().invoke(app, ["config", "grade", "--config", str(missing)])
+    assert result.exit_code == EXIT_CONFIG
+    assert f"error: cannot read config file {missing}:" in result.output.splitlines()[0], result.output

@@ -16,13 +16,18 @@ import pytest
 from kneepipe.grade.model import Preprocessing, build_grader, read_preprocessing, save_grader
 from kneepipe.grade.predict import DEFAULT_GRADER, Grader
 from kneepipe.joints import CROP_FRAMING
+from kneepipe.runtime import import_keras
 
 TINY = {"width": 0.0625, "middle_blocks": 1}
 
 
 @pytest.fixture(scope="module")
 def tiny_grader_file(tmp_path_factory) -> Path:
-    """A tiny, randomly initialised grader file: the shipped file's format at 1/500 of its size."""
+    """A tiny, randomly initialised grader file: the shipped file's format at 1/500 of its size.
+
+    Seeded, so its weights (and whether a Grad-CAM map is blank) do not hang on which tests ran first.
+    """
+    import_keras().utils.set_random_seed(0)
     model = build_grader("softmax", architecture_args=TINY)
     record = Preprocessing(input_size=96, head="softmax", architecture_args=TINY, decision="median")
     return save_grader(model, record, tmp_path_factory.mktemp("tiny") / "tiny.npz")
@@ -36,7 +41,6 @@ def real_crops(oai_dir) -> list[np.ndarray]:
 
 def test_the_builder_at_its_defaults_is_the_published_xception():
     from kneepipe.grade.xception import xception_backbone
-    from kneepipe.runtime import import_keras
 
     keras = import_keras()
     ours = xception_backbone(3)
