@@ -10,15 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_graders import save_tiny_grader
 
 from kneepipe.grade.compiled import CompiledFeatures, calibration_crops, compiled_paths, export_grader
 from kneepipe.grade.data import labelled_files, load_crops
-from kneepipe.grade.model import Preprocessing, build_grader, save_grader
 from kneepipe.grade.predict import DEFAULT_GRADER, Grader
 from kneepipe.metrics import grading_metrics
-from kneepipe.runtime import import_keras
-
-TINY = {"width": 0.0625, "middle_blocks": 1}
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +48,7 @@ def test_the_shipped_int8_grader_agrees_with_float32_on_real_val_crops(val_sampl
 
 @pytest.fixture(scope="module")
 def tiny_grader_file(tmp_path_factory) -> Path:
-    import_keras().utils.set_random_seed(0)  # the same weights whichever tests ran first
-    model = build_grader("softmax", architecture_args=TINY)
-    record = Preprocessing(input_size=96, head="softmax", architecture_args=TINY, decision="argmax")
-    return save_grader(model, record, tmp_path_factory.mktemp("tiny") / "tiny.npz")
+    return save_tiny_grader(tmp_path_factory.mktemp("tiny") / "tiny.npz", decision="argmax")
 
 
 def test_export_writes_an_int8_network_the_grader_finds_and_checks(tiny_grader_file, oai_dir, val_sample):

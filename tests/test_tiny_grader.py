@@ -12,25 +12,17 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from tiny_graders import TINY, save_tiny_grader
 
-from kneepipe.grade.model import Preprocessing, build_grader, read_preprocessing, save_grader
+from kneepipe.grade.model import Preprocessing, read_preprocessing
 from kneepipe.grade.predict import DEFAULT_GRADER, Grader
 from kneepipe.joints import CROP_FRAMING
 from kneepipe.runtime import import_keras
 
-TINY = {"width": 0.0625, "middle_blocks": 1}
-
 
 @pytest.fixture(scope="module")
 def tiny_grader_file(tmp_path_factory) -> Path:
-    """A tiny, randomly initialised grader file: the shipped file's format at 1/500 of its size.
-
-    Seeded, so its weights (and whether a Grad-CAM map is blank) do not hang on which tests ran first.
-    """
-    import_keras().utils.set_random_seed(0)
-    model = build_grader("softmax", architecture_args=TINY)
-    record = Preprocessing(input_size=96, head="softmax", architecture_args=TINY, decision="median")
-    return save_grader(model, record, tmp_path_factory.mktemp("tiny") / "tiny.npz")
+    return save_tiny_grader(tmp_path_factory.mktemp("tiny") / "tiny.npz", decision="median")
 
 
 @pytest.fixture(scope="module")
